@@ -1,0 +1,632 @@
+"""Backfill: stream z_k from storage through the fused transforms into every older version.
+
+One pass over the input serves every target: each Parquet part of ``embeddings/v<k>/<entity>/`` is
+read once, each batch is validated (dimension, NaN/Inf, null ids, duplicate ids) and multiplied
+by the stacked fused matrices of all targets (:class:`~raybc.transforms.FanOutPlan`), and one part
+file per target is streamed out. Ray Data schedules the parts as write tasks of a small
+:class:`~ray.data.Datasink`; its ``on_write_complete`` hook commits every snapshot through
+:class:`~raybc.snapshots.Snapshots` (files checked, manifest, then CURRENT).
+
+Exactly once, and resumable: a run's identity (``run_id``) is a digest of the source version,
+the input files (names, sizes, modification stamps), the transform weights and the output
+options. Part files have deterministic names, appear atomically, and only the parts listed in the
+run's manifest are ever read. So a rerun after a crash skips the parts already written, a retried
+task rewrites its own file names, and re-running a committed backfill finds every CURRENT already
+pointing at this run and does nothing.
+
+Planning (:func:`plan_parts`, :func:`id_overlap_groups`, :func:`run_fingerprint`) is pure and tested
+without Ray; the worker side is :func:`process_part`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from pydantic import Field, field_validator
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from raybc.embeddings import (
+    EMBEDDING,
+    ID,
+    ColumnLayout,
+    batch_matrix,
+    check_finite,
+    first_duplicate,
+    inspect_schema,
+    make_batch,
+    normalise_ids,
+    table_schema,
+)
+from raybc.errors import InputDataError, IntegrityError, RaybcError
+from raybc.options import Options
+from raybc.registry import FileEntry, Registry, version_dir
+from raybc.runtime import ensure_ray
+from raybc.snapshots import Snapshots, run_dir
+from raybc.storage import IO_THREADS, Storage, check_segment
+from raybc.transforms import FanOutPlan
+
+log = logging.getLogger(__name__)
+
+# Ids held in driver memory at once when checking ids across overlapping parts (8 bytes each for
+# int64): 50M ids ~ 400 MB plus the sort; larger groups are checked in hash buckets.
+_ID_CHECK_ROWS = 50_000_000
+# Bump when the layout or content of part files changes: it is part of every run id.
+_PART_FORMAT = 1
+
+
+class BackfillOptions(Options):
+    """What to backfill and how. Defaults: newest version -> every older version, every entity."""
+
+    from_version: int | None = Field(default=None, ge=0, description="Source version k; default the newest.")
+    to_versions: list[int] | None = Field(default=None, description="Target versions; default every j < k.")
+    entities: list[str] | None = Field(default=None, description="Entities; default all of version k.")
+    rows_per_part: int = Field(
+        default=1_000_000, ge=1, le=100_000_000,
+        description="Rows per part (one task, one output file per target); files split at row groups.",
+    )  # fmt: skip
+    batch_rows: int = Field(
+        default=65_536, ge=1, le=4_194_304, description="Rows per batch inside a task; bounds a task's memory."
+    )
+    compression: Literal["none", "snappy", "lz4", "zstd"] = Field(
+        default="none", description="Parquet compression of snapshot files (float vectors barely compress)."
+    )
+    cpus_per_task: float = Field(default=1.0, gt=0, le=64)
+    max_concurrency: int | None = Field(default=None, ge=1, description="Most parts in flight; default: as many as CPUs allow.")
+    progress: bool = Field(default=True, description="Show Ray Data progress bars and per-part lines.")
+
+    @field_validator("to_versions")
+    @classmethod
+    def _targets(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one target version, or leave it unset for every older version")
+        if any(t < 0 for t in v):
+            raise ValueError("versions are integers >= 0")
+        return sorted(set(v))
+
+    @field_validator("entities")
+    @classmethod
+    def _entities(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one entity, or leave it unset for all")
+        for e in v:
+            check_segment(e, what="entity name")
+        return sorted(set(v))
+
+
+# --------------------------------------------------------------------------- planning (pure)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A contiguous range of row groups of one input file: one task, one output file per target."""
+
+    entity: str
+    file: str  # relative to embeddings/v<k>/<entity>/
+    file_index: int
+    rg_start: int
+    rg_stop: int
+    first_row: int  # row number of the part's first row within its file
+    rows: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.file_index:05d}-{self.rg_start:05d}.parquet"
+
+
+def plan_parts(entity: str, files: Sequence[tuple[str, Sequence[int]]], rows_per_part: int) -> list[Part]:
+    """Split files into parts of at most ``rows_per_part`` rows, at row-group boundaries.
+
+    ``files`` is [(name, [rows of each row group])] in input order. A row group larger than
+    ``rows_per_part`` becomes a part of its own. Deterministic: same input, same parts.
+    """
+    parts = []
+    for fi, (name, groups) in enumerate(files):
+        start, rows, first = 0, 0, 0
+        for g, n in enumerate(groups):
+            if rows and rows + n > rows_per_part:
+                parts.append(Part(entity, name, fi, start, g, first, rows))
+                first += rows
+                start, rows = g, 0
+            rows += n
+        if rows or not groups:
+            parts.append(Part(entity, name, fi, start, len(groups), first, rows))
+    return [p for p in parts if p.rows > 0]
+
+
+def id_overlap_groups(ranges: Sequence[tuple[Any, Any] | None]) -> list[list[int]]:
+    """Indices of parts whose [min, max] id ranges overlap (groups of 2+), or whose range is unknown.
+
+    Ids can only repeat across parts inside one group; parts alone in their range need no
+    cross-part check (each task checks its own part). ``None`` ranges are conservatively
+    grouped with everything unknown.
+    """
+    unknown = [i for i, r in enumerate(ranges) if r is None]
+    known = sorted((r[0], r[1], i) for i, r in enumerate(ranges) if r is not None)
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_max: Any = None
+    for lo, hi, i in known:
+        if cur and lo <= cur_max:
+            cur.append(i)
+            cur_max = max(cur_max, hi)
+        else:
+            if len(cur) > 1:
+                groups.append(cur)
+            cur, cur_max = [i], hi
+    if len(cur) > 1:
+        groups.append(cur)
+    if unknown and len(ranges) > 1:
+        # an unknown range may overlap anything: check it together with all known parts
+        return [sorted(unknown + [i for _, _, i in known])]
+    return [sorted(g) for g in groups]
+
+
+def run_fingerprint(payload: dict[str, Any]) -> str:
+    """A short stable id for a run from everything that determines its output."""
+    blob = json.dumps({**payload, "part_format": _PART_FORMAT}, sort_keys=True, default=str).encode()
+    return "run-" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- per-entity job
+
+
+@dataclass(frozen=True)
+class InputFile:
+    name: str
+    size: int
+    stamp: str  # mtime or ETag: changes when the file is rewritten
+    row_groups: tuple[int, ...]
+    id_ranges: tuple[tuple[Any, Any] | None, ...]  # per row group, from Parquet statistics
+
+
+@dataclass
+class EntityJob:
+    """Everything the driver decided for one entity: what to write and what is already done."""
+
+    entity: str
+    source: int
+    dim: int
+    run_id: str
+    plan: FanOutPlan  # source -> every pending target
+    pending: list[int]  # targets to (re)commit in this run
+    committed: list[int]  # targets whose CURRENT already names this run
+    parts: list[Part]
+    todo: list[Part]  # parts missing for at least one pending target
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+
+@dataclass(frozen=True)
+class PartContext:
+    """What a worker needs for the parts of one entity (shipped once per task)."""
+
+    root: Storage
+    entity: str
+    source: int
+    dim: int
+    run_id: str
+    plan: FanOutPlan
+    batch_rows: int
+    compression: str
+
+
+@dataclass
+class BackfillSummary:
+    """What a backfill did; ``table()`` renders it for people, ``asdict`` for machines."""
+
+    root: str
+    source_version: int
+    targets: list[int]
+    entities: list[str]
+    run_ids: dict[str, str]
+    committed: list[str] = field(default_factory=list)  # "as-v<j>/<entity>" committed now
+    already_committed: list[str] = field(default_factory=list)
+    input_rows: int = 0  # rows read in this run
+    rows_written: int = 0  # rows written (input rows x targets)
+    parts_run: int = 0
+    parts_resumed: int = 0  # parts found complete from an earlier attempt
+    seconds: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.input_rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.committed
+
+    def table(self) -> str:
+        lines = [
+            f"backfill of {self.root}: v{self.source_version} -> "
+            + ", ".join(f"v{t}" for t in self.targets)
+            + f" for {', '.join(self.entities)}",
+        ]
+        if self.nothing_to_do:
+            lines.append(
+                "nothing to do: every snapshot is already committed from this input "
+                f"({', '.join(self.already_committed)})"
+            )
+            return "\n".join(lines)
+        rows = [
+            ("snapshots committed", str(len(self.committed))),
+            ("already committed", str(len(self.already_committed))),
+            ("input rows read", f"{self.input_rows:,}"),
+            ("rows written (all targets)", f"{self.rows_written:,}"),
+            ("parts run / resumed", f"{self.parts_run} / {self.parts_resumed}"),
+            ("seconds", f"{self.seconds:.2f}"),
+            ("input rows/s", f"{self.rows_per_s:,.0f}"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+        lines.append("  committed: " + ", ".join(self.committed))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "rows_per_s": self.rows_per_s, "nothing_to_do": self.nothing_to_do}
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "generation"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _read_input_file(store: Storage, name: str, info: dict[str, Any], dim: int) -> InputFile:
+    uri = store.uri(name)
+    try:
+        with store.open_input(name) as f:
+            md = pq.ParquetFile(f).metadata
+    except FileNotFoundError:
+        raise IntegrityError(f"{uri} is listed in the version's manifest but missing; restore it") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputDataError(f"{uri} is not a readable Parquet file ({exc}); rewrite it from the embedding job") from None
+    layout = inspect_schema(md.schema.to_arrow_schema(), source=uri, expected_dim=dim)
+    id_col = md.schema.names.index(ID) if ID in md.schema.names else None
+    groups, ranges = [], []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        groups.append(rg.num_rows)
+        rng = None
+        if id_col is not None and layout.fixed:
+            st = rg.column(id_col).statistics
+            if st is not None and st.has_min_max:
+                lo, hi = st.min, st.max
+                if isinstance(lo, bytes):  # older writers store string stats as bytes
+                    lo, hi = lo.decode("utf-8", "replace"), hi.decode("utf-8", "replace")
+                rng = (lo, hi)
+        ranges.append(rng)
+    return InputFile(name, int(info.get("size") or store.size(name)), _stamp(info), tuple(groups), tuple(ranges))
+
+
+def _part_range(f: InputFile, p: Part) -> tuple[Any, Any] | None:
+    rs = f.id_ranges[p.rg_start : p.rg_stop]
+    if not rs or any(r is None for r in rs):
+        return None
+    return min(r[0] for r in rs), max(r[1] for r in rs)
+
+
+def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
+    """A stable bucket per id (so each bucket's duplicates are checked together)."""
+    if pa.types.is_integer(ids.type):
+        return ids.to_numpy(zero_copy_only=False) % buckets
+    return np.fromiter((zlib.crc32(s.encode()) for s in ids.to_pylist()), dtype=np.int64, count=len(ids)) % buckets
+
+
+def _check_ids_across_parts(store: Storage, parts: list[Part], files: dict[str, InputFile]) -> None:
+    """Refuse an id that occurs in two parts (within-part duplicates are checked by the tasks)."""
+    for group in id_overlap_groups([_part_range(files[p.file], p) for p in parts]):
+        members = [parts[i] for i in group]
+        buckets = max(1, -(-sum(p.rows for p in members) // _ID_CHECK_ROWS))
+        for b in range(buckets):
+            chunks = []
+            for p in members:
+                with store.open_input(p.file) as f:
+                    ids = pq.ParquetFile(f).read_row_groups(range(p.rg_start, p.rg_stop), columns=[ID]).column(ID)
+                ids = ids.combine_chunks()
+                if buckets > 1:
+                    ids = ids.filter(pa.array(_bucket_of(ids, buckets) == b))
+                chunks.append(ids)
+            dup = first_duplicate(pa.chunked_array(chunks))
+            if dup is not None:
+                where = sorted({store.uri(p.file) for p, c in zip(members, chunks) if dup in c.to_pylist()})
+                raise InputDataError(
+                    f"id {dup!r} occurs more than once in the {members[0].entity} embeddings "
+                    f"({' and '.join(where)}); every id must appear exactly once"
+                )
+
+
+def plan_entity(
+    registry: Registry,
+    *,
+    entity: str,
+    source: int,
+    targets: Sequence[int],
+    options: BackfillOptions,
+) -> EntityJob:
+    """Decide what to do for one entity: run id, parts, targets already committed, parts done."""
+    version = registry.get(source)
+    ef = version.embeddings[entity]
+    store = registry.embeddings_storage(source, entity)
+    infos = {e["basename"]: e for e in store.list(detail=True)}
+    for f in ef.files:
+        if f.path not in infos:
+            raise IntegrityError(f"{store.uri(f.path)} is listed in v{source}'s manifest but missing; restore it")
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        files = list(pool.map(lambda f: _read_input_file(store, f.path, infos[f.path], ef.dim), ef.files))
+    for entry, f in zip(ef.files, files):
+        if sum(f.row_groups) != entry.rows:
+            raise IntegrityError(
+                f"{store.uri(f.name)} holds {sum(f.row_groups)} rows but v{source}'s manifest records {entry.rows}: "
+                "the file changed after publishing"
+            )
+    by_name = {f.name: f for f in files}
+    parts = plan_parts(entity, [(f.name, f.row_groups) for f in files], options.rows_per_part)
+    _check_ids_across_parts(store, parts, by_name)
+
+    all_plan = registry.plan(source, targets)
+    run_id = run_fingerprint(
+        {
+            "source": source,
+            "entity": entity,
+            "inputs": [(f.name, f.size, f.stamp) for f in files],
+            "aligners": [registry.get(v).aligner.sha256 for v in range(source, min(targets), -1)],  # type: ignore[union-attr]
+            "rows_per_part": options.rows_per_part,
+            "compression": options.compression,
+        }
+    )
+    snaps = Snapshots(registry.root)
+    committed, pending = [], []
+    for t in targets:
+        p = snaps.pointer(t, entity)
+        (committed if p is not None and p.source_version == source and p.run_id == run_id else pending).append(t)
+    todo: list[Part] = []
+    if pending:
+        done_by_target = [set(registry.root.list(run_dir(t, entity, source, run_id))) for t in pending]
+        todo = [p for p in parts if not all(p.name in done for done in done_by_target)]
+    plan = registry.plan(source, pending) if pending else all_plan
+    return EntityJob(entity, source, ef.dim, run_id, plan, pending, committed, parts, todo)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
+    """Read one part, validate each batch, write one file per target. Runs inside a Ray task."""
+    t0 = time.perf_counter()
+    src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
+    uri = src.uri(part.file)
+    targets = ctx.plan.targets
+    with src.open_input(part.file) as fin:
+        try:
+            pf = pq.ParquetFile(fin)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputDataError(f"{uri} is not a readable Parquet file ({exc})") from None
+        layout: ColumnLayout = inspect_schema(pf.schema_arrow, source=uri, expected_dim=ctx.dim)
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for j in targets:
+                rel = f"{run_dir(j, ctx.entity, ctx.source, ctx.run_id)}/{part.name}"
+                sink = stack.enter_context(ctx.root.open_output(rel))
+                schema = table_schema(ctx.plan.out_dims[j], layout.id_type)
+                writers[j] = stack.enter_context(
+                    pq.ParquetWriter(sink, schema, compression=ctx.compression, write_statistics=[ID])
+                )
+            row = part.first_row
+            ids_seen = []
+            try:
+                batches = pf.iter_batches(
+                    batch_size=ctx.batch_rows, row_groups=range(part.rg_start, part.rg_stop), columns=[ID, EMBEDDING],
+                    use_threads=False,
+                )  # fmt: skip
+                for batch in batches:
+                    ids = normalise_ids(batch.column(0), layout, source=uri, row_offset=row)
+                    mat = batch_matrix(batch.column(1), layout, source=uri, row_offset=row, ids=ids)
+                    check_finite(mat, ids, source=uri, row_offset=row)
+                    outs = ctx.plan.apply(mat)
+                    for j, w in writers.items():
+                        w.write_batch(make_batch(ids, outs[j]))
+                    ids_seen.append(ids)
+                    row += len(batch)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+                if isinstance(exc, RaybcError):
+                    raise
+                raise InputDataError(f"{uri}: cannot read rows from {row} on ({exc}); the file is damaged") from None
+            if row - part.first_row != part.rows:
+                raise IntegrityError(f"{uri}: read {row - part.first_row} rows of part {part.name}, expected {part.rows}")
+            dup = first_duplicate(pa.chunked_array(ids_seen, type=layout.id_type)) if ids_seen else None
+            if dup is not None:
+                raise InputDataError(f"{uri}: id {dup!r} occurs more than once; every id must appear exactly once")
+    seconds = time.perf_counter() - t0
+    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The RaybcError inside Ray's task-error wrappers, if any."""
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RaybcError):
+            return cur
+        cause = getattr(cur, "cause", None)
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return exc
+
+
+# --------------------------------------------------------------------------- the Ray Data sink
+
+
+class BackfillSink(Datasink):
+    """A Datasink whose input rows name parts: ``write`` runs them, ``on_write_complete`` commits.
+
+    The commit callback stays on the driver: it is dropped when the sink is shipped to workers.
+    """
+
+    def __init__(self, ctxs: dict[str, PartContext], parts: dict[str, Part], on_complete: Callable[[list[dict]], None]):
+        self.ctxs = ctxs
+        self.parts = parts
+        self.on_complete: Callable[[list[dict]], None] | None = on_complete
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_complete": None}
+
+    def get_name(self) -> str:
+        return "BackfillSnapshots"
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> list[dict[str, Any]]:
+        out = []
+        for block in blocks:
+            for key in BlockAccessor.for_block(block).to_arrow().column("part").to_pylist():
+                part = self.parts[key]
+                res = process_part(self.ctxs[part.entity], part)
+                print(
+                    f"[raybc] {part.entity} {part.name}: {res['rows']:,} rows -> "
+                    f"{len(self.ctxs[part.entity].plan.targets)} targets in {res['seconds']:.2f} s",
+                    flush=True,
+                )
+                out.append(res)
+        return out
+
+    def on_write_complete(self, write_result: Any) -> None:
+        assert self.on_complete is not None, "on_write_complete runs on the driver, where the callback lives"
+        self.on_complete([r for rs in write_result.write_returns for r in rs])
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def resolve_targets(registry: Registry, options: BackfillOptions) -> tuple[int, list[int], list[str]]:
+    """Source version, targets and entities, checked against the registry (all problems at once)."""
+    from raybc.errors import ConfigError, RegistryError
+
+    published = registry.versions()
+    if not published:
+        raise RegistryError(f"no published versions in {registry.root.uri('registry')}; publish or register v0 first")
+    source = options.from_version if options.from_version is not None else published[-1]
+    problems = []
+    if source not in published:
+        problems.append(f"from_version: v{source} is not published (published: {', '.join(f'v{v}' for v in published)})")
+        raise ConfigError(problems, source=registry.root.uri())
+    if source == 0:
+        raise ConfigError(["from_version: v0 has no older version to backfill into"], source=registry.root.uri())
+    targets = options.to_versions if options.to_versions is not None else list(range(source))
+    for t in targets:
+        if t >= source:
+            problems.append(f"to_versions: v{t} is not older than the source v{source}; choose versions 0..{source - 1}")
+        elif t not in published:
+            problems.append(f"to_versions: v{t} is not published")
+    version = registry.get(source)
+    entities = options.entities if options.entities is not None else version.entities
+    for e in entities:
+        if e not in version.embeddings:
+            problems.append(
+                f"entities: v{source} has no embeddings for {e!r} (it has: {', '.join(version.entities) or 'none'})"
+            )
+    if not entities:
+        problems.append(f"entities: v{source} lists no embeddings to backfill")
+    if problems:
+        raise ConfigError(problems, source=registry.root.uri())
+    return source, sorted(targets), list(entities)
+
+
+def backfill(
+    root: Storage | str,
+    options: BackfillOptions | None = None,
+    *,
+    ray_address: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> BackfillSummary:
+    """Backfill snapshots of every target version from the source version; see the module doc.
+
+    Uses the running Ray cluster, else ``ray_address`` / ``$RAY_ADDRESS``, else starts a local
+    Ray -- only when there is work to do. Raises a RaybcError subclass with the
+    file, field or row at fault; nothing is committed for any target then.
+    """
+    options = options or BackfillOptions()
+    registry = Registry(root)
+    t0 = time.perf_counter()
+    source, targets, entities = resolve_targets(registry, options)
+    jobs = [plan_entity(registry, entity=e, source=source, targets=targets, options=options) for e in entities]
+    summary = BackfillSummary(
+        root=registry.root.uri(), source_version=source, targets=targets, entities=entities,
+        run_ids={j.entity: j.run_id for j in jobs},
+    )  # fmt: skip
+    for j in jobs:
+        summary.already_committed += [f"as-v{t}/{j.entity}" for t in j.committed]
+    active = [j for j in jobs if j.pending]
+    if not active:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    for j in active:
+        resumed = len(j.parts) - len(j.todo)
+        echo(
+            f"[raybc] {j.entity}: v{source} -> {', '.join(f'v{t}' for t in j.pending)} "
+            f"({j.rows:,} rows, {len(j.parts)} parts, {len(j.todo)} to run"
+            + (f", {resumed} done in an earlier attempt" if resumed else "")
+            + f", run {j.run_id})"
+        )
+    todo = [p for j in active for p in j.todo]
+    summary.parts_run = len(todo)
+    summary.parts_resumed = sum(len(j.parts) - len(j.todo) for j in active)
+    summary.input_rows = sum(p.rows for p in todo)
+
+    def commit(results: list[dict[str, Any]]) -> None:
+        done = {(r["entity"], r["part"]) for r in results}
+        missing = [p.name for p in todo if (p.entity, p.name) not in done]
+        if missing:
+            raise IntegrityError(f"the write finished without parts {missing[:5]}; run the backfill again")
+        snaps = Snapshots(registry.root)
+        for j in active:
+            for t in j.pending:
+                snaps.commit(
+                    target=t, entity=j.entity, source=source, run_id=j.run_id, dim=j.plan.out_dims[t],
+                    parts=[FileEntry(p.name, p.rows, 0) for p in j.parts],
+                    extra={"transform": {"steps": list(range(source, t, -1))}, "compression": options.compression},
+                )  # fmt: skip
+                summary.committed.append(f"as-v{t}/{j.entity}")
+                summary.rows_written += j.rows
+
+    if todo:
+        ctxs = {
+            j.entity: PartContext(registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression)
+            for j in active
+        }
+        keys = {f"{p.entity}/{p.name}": p for p in todo}
+        sink = BackfillSink(ctxs, keys, commit)
+        ensure_ray(ray_address)
+        ray.data.DataContext.get_current().enable_progress_bars = options.progress
+        ds = ray.data.from_items([{"part": k} for k in keys], override_num_blocks=len(keys))
+        try:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": options.cpus_per_task}, concurrency=options.max_concurrency)
+        except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
+            cause = _root_cause(exc)
+            if cause is not exc:
+                raise cause.with_traceback(None) from None
+            raise
+    else:
+        commit([])
+    summary.seconds = time.perf_counter() - t0
+    return summary

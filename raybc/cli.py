@@ -1,0 +1,349 @@
+"""The ``raybc`` command line, and the flag parsing the thin ``jobs/*.py`` entry points share.
+
+Commands: ``demo``, ``backfill``, ``register``, ``versions``, ``snapshots``, ``discard``.
+Options come from ``--config FILE`` (YAML), from flags, or both (flags win). Errors raised on
+purpose (:class:`~raybc.errors.RaybcError`) are printed as one clear message and exit non-zero,
+without a traceback. Credentials are never taken as flags (they would show in process lists and
+shell history): use the standard AWS environment variables, an instance role, or the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from raybc.errors import ConfigError, RaybcError
+
+# Exit codes: 0 done (or nothing to do), 1 failed, 2 bad configuration or usage.
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError([f"{flag}: expected comma-separated version numbers like 0,1,2, got {text!r}"]) from None
+
+
+def _entities(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [e.strip() for v in values for e in v.split(",") if e.strip()]
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage (credentials come from the environment or the config file)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--region", help="bucket region")
+
+
+def _storage_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    if getattr(a, "endpoint_url", None):
+        out["endpoint_url"] = a.endpoint_url
+    if getattr(a, "region", None):
+        out["region"] = a.region
+    return {"storage": out} if out else {}
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+def backfill_parser(prog: str = "raybc backfill") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Transform the newest embeddings into every older version in one pass and commit the snapshots.",
+    )
+    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--root", help="root URI: local folder, file://, s3://bucket/prefix, gs://bucket/prefix")
+    p.add_argument("--from-version", type=int, help="source version k (default: the newest)")
+    p.add_argument("--to-versions", help="target versions, comma-separated (default: every older version)")
+    p.add_argument("--entity", action="append", help="entity to backfill; repeat or comma-separate (default: all)")
+    p.add_argument("--rows-per-part", type=int, help="rows per task and output file")
+    p.add_argument("--batch-rows", type=int, help="rows per batch inside a task")
+    p.add_argument("--compression", help="none, snappy, lz4 or zstd")
+    p.add_argument("--max-concurrency", type=int, help="most parts in flight")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-part lines")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--summary-json", help="also write the summary as JSON to this local file")
+    _storage_flags(p)
+    return p
+
+
+def backfill_config(argv: Sequence[str], prog: str = "raybc backfill"):
+    """Parse flags (and ``--config``) into a :class:`~raybc.config.BackfillJobConfig`."""
+    from raybc.config import BackfillJobConfig
+    from raybc.options import load_options
+
+    a = backfill_parser(prog).parse_args(argv)
+    bf: dict[str, Any] = {}
+    if a.from_version is not None:
+        bf["from_version"] = a.from_version
+    if a.to_versions is not None:
+        bf["to_versions"] = _int_list("--to-versions", a.to_versions)
+    if a.entity:
+        bf["entities"] = _entities(a.entity)
+    for flag in ("rows_per_part", "batch_rows", "compression", "max_concurrency"):
+        if getattr(a, flag) is not None:
+            bf[flag] = getattr(a, flag)
+    if a.no_progress:
+        bf["progress"] = False
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    if bf:
+        over["backfill"] = bf
+    for flag in ("root", "ray_address", "summary_json"):
+        if getattr(a, flag) is not None:
+            over[flag] = getattr(a, flag)
+    return load_options(BackfillJobConfig, file=a.config, overrides=over)
+
+
+def run_backfill_job(cfg) -> int:
+    from raybc.backfill import backfill
+    from raybc.storage import Storage
+
+    summary = backfill(Storage(cfg.root, cfg.storage), cfg.backfill, ray_address=cfg.ray_address)
+    print(summary.table())
+    if cfg.summary_json:
+        with open(cfg.summary_json, "w") as f:
+            json.dump(summary.to_json(), f, indent=2)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="raybc demo",
+        description="Build a synthetic registry (several versions, growing dimensions) in a local folder, "
+        "backfill every older version on a local Ray, verify the snapshots, and show how to read them.",
+    )
+    p.add_argument("--root", default="./demo-root", help="folder for the demo root (default ./demo-root)")
+    p.add_argument("--rows", type=int, help="rows per entity in the newest version (default 200000)")
+    p.add_argument("--config", help="YAML file with a demo config")
+    p.add_argument("--ray-address", help="Ray cluster address (default: a new local Ray)")
+    return p
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    from raybc.backfill import BackfillOptions, backfill
+    from raybc.config import DemoConfig
+    from raybc.data.synthetic import build_registry
+    from raybc.options import load_options
+    from raybc.registry import Registry
+    from raybc.snapshots import Snapshots, verify_snapshot
+    from raybc.storage import Storage
+
+    a = demo_parser().parse_args(argv)
+    over: dict[str, Any] = {"root": a.root}
+    if a.rows is not None:
+        over["rows"] = a.rows
+    if a.ray_address:
+        over["ray_address"] = a.ray_address
+    cfg = load_options(DemoConfig, file=a.config, overrides=over)
+    root = Storage(cfg.root)
+    registry = Registry(root)
+    if registry.versions():
+        print(f"[raybc] {root.uri()} already holds versions {registry.versions()}; reusing them")
+    else:
+        print(f"[raybc] building a synthetic registry in {root.uri()}: dims {cfg.dims}, {cfg.rows:,} rows per entity")
+        build_registry(root, dims=cfg.dims, rows=cfg.rows, entities=cfg.entities, rows_per_file=cfg.rows_per_file, seed=cfg.seed)
+    summary = backfill(root, BackfillOptions(), ray_address=cfg.ray_address)
+    print(summary.table())
+    newest = registry.latest()
+    assert newest is not None
+    bad = []
+    print("\n[raybc] verifying every snapshot against the step-by-step float64 transform:")
+    for target, entity, ptr in Snapshots(root).list():
+        v = verify_snapshot(registry, target, entity)
+        print(
+            f"  as-v{target}/{entity}: {v.rows:,} rows, ids exactly once: {v.ids_match}, "
+            f"max relative error {v.max_rel_error:.1e} -> {'ok' if v.ok else 'FAILED'}"
+        )
+        if not v.ok:
+            bad.append(f"as-v{target}/{entity}")
+    snap_root = root.uri("snapshots")
+    example_entity = cfg.entities[0]
+    print(
+        f"""
+[raybc] snapshots are under {snap_root}/as-v<j>/<entity>/ ; CURRENT names the committed one.
+Read one with raybc, pandas or pyarrow:
+
+  import raybc
+  table = raybc.read_snapshot({root.uri()!r}, {example_entity!r}, version=0)     # pyarrow.Table: id, embedding
+  ds = raybc.read_snapshot_dataset({root.uri()!r}, {example_entity!r}, version=0)  # ray.data.Dataset
+
+  # without raybc: follow CURRENT to the manifest, then read plain Parquet
+  import json, os, pandas as pd
+  d = {os.path.join(root.uri(), "snapshots", "as-v0", example_entity)!r}
+  man_path = os.path.join(d, json.load(open(os.path.join(d, "CURRENT")))["manifest"])
+  files = [os.path.join(os.path.dirname(man_path), f["path"]) for f in json.load(open(man_path))["files"]]
+  df = pd.concat(pd.read_parquet(f) for f in files)"""
+    )
+    if bad:
+        print(f"\n[raybc] verification FAILED for {', '.join(bad)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- registry commands
+
+
+def run_register(argv: Sequence[str]) -> int:
+    from raybc.config import RegisterConfig
+    from raybc.options import load_options
+    from raybc.registry import Registry
+    from raybc.storage import Storage
+
+    p = argparse.ArgumentParser(prog="raybc register", description="Publish a version trained elsewhere from its z_k Parquet and B_k matrix.")
+    p.add_argument("--config", help="YAML file with a register config")
+    p.add_argument("--root")
+    p.add_argument("--version", type=int)
+    p.add_argument("--embeddings", action="append", metavar="ENTITY=URI", help="z_k of an entity: a Parquet file or folder; repeat per entity")
+    p.add_argument("--aligner", help="B_k as .npy or .safetensors, (d_{k-1}, d_k) or (d_k, d_{k-1}); not for v0")
+    p.add_argument("--method", help="method name to record (default: external)")
+    _storage_flags(p)
+    a = p.parse_args(argv)
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    for flag in ("root", "version", "aligner", "method"):
+        if getattr(a, flag) is not None:
+            over[flag] = getattr(a, flag)
+    if a.embeddings:
+        pairs = {}
+        for item in a.embeddings:
+            if "=" not in item:
+                raise ConfigError([f"--embeddings: expected ENTITY=URI, got {item!r}"])
+            e, uri = item.split("=", 1)
+            pairs[e.strip()] = uri.strip()
+        over["embeddings"] = pairs
+    cfg = load_options(RegisterConfig, file=a.config, overrides=over)
+    reg = Registry(Storage(cfg.root, cfg.storage))
+    v = reg.register(
+        cfg.version, embeddings=cfg.embeddings, aligner=cfg.aligner, method=cfg.method,
+        source_options=cfg.source_storage or cfg.storage,
+    )  # fmt: skip
+    print(f"registered v{v.version} (dim {v.dim}) in {reg.root.uri('registry')}: " + ", ".join(f"{e} {f.rows:,} rows" for e, f in v.embeddings.items()))
+    return EXIT_OK
+
+
+def _root_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--root", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _storage_flags(p)
+    return p
+
+
+def _storage_from(a: argparse.Namespace):
+    from raybc.options import validate_options
+    from raybc.storage import Storage, StorageOptions
+
+    opts = validate_options(StorageOptions, _storage_overrides(a).get("storage", {}), source="command-line flags")
+    return Storage(a.root, opts)
+
+
+def run_versions(argv: Sequence[str]) -> int:
+    from raybc.registry import Registry
+
+    a = _root_parser("raybc versions", "List published versions and their lineage.").parse_args(argv)
+    reg = Registry(_storage_from(a))
+    rows = []
+    for k in reg.versions():
+        v = reg.get(k)
+        rows.append({
+            "version": k, "parent": v.parent, "dim": v.dim, "method": v.method,
+            "aligner": None if v.aligner is None else v.aligner.spec.get("kind"),
+            "entities": {e: f.rows for e, f in v.embeddings.items()}, "created_at": v.created_at,
+        })  # fmt: skip
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no published versions in {reg.root.uri('registry')}")
+    else:
+        for r in rows:
+            ents = ", ".join(f"{e}: {n:,}" for e, n in r["entities"].items()) or "-"
+            print(f"v{r['version']}  dim {r['dim']:>5}  {r['method']:<18} B: {r['aligner'] or '-':<13} embeddings: {ents}")
+    return EXIT_OK
+
+
+def run_snapshots(argv: Sequence[str]) -> int:
+    from raybc.snapshots import Snapshots
+
+    a = _root_parser("raybc snapshots", "List committed snapshots (what each CURRENT names).").parse_args(argv)
+    snaps = Snapshots(_storage_from(a))
+    rows = [{"as_version": t, "entity": e, **p.to_json()} for t, e, p in snaps.list()]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no committed snapshots in {snaps.root.uri('snapshots')}")
+    else:
+        for r in rows:
+            print(f"as-v{r['as_version']}/{r['entity']}: from v{r['source_version']}, {r['rows']:,} rows, {r['manifest']}")
+    return EXIT_OK
+
+
+def run_discard(argv: Sequence[str]) -> int:
+    from raybc.registry import Registry
+
+    p = _root_parser("raybc discard", "Remove the weight files of an interrupted, unpublished version.")
+    p.add_argument("--version", type=int, required=True)
+    a = p.parse_args(argv)
+    removed = Registry(_storage_from(a)).discard_unpublished(a.version)
+    print("removed: " + (", ".join(removed) if removed else "nothing (no unpublished files)"))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def guarded(fn: Callable[[], int]) -> int:
+    """Run ``fn``; print purposeful errors as one message and map them to exit codes."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RaybcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted; committed snapshots are unchanged, a rerun resumes", file=sys.stderr)
+        return 130
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "demo": (run_demo, "build a synthetic registry, backfill it on a local Ray, verify, show how to read"),
+    "backfill": (lambda argv: run_backfill_job(backfill_config(argv)), "backfill snapshots of older versions"),
+    "register": (run_register, "publish a version trained elsewhere (z_k Parquet + B_k matrix)"),
+    "versions": (run_versions, "list published versions"),
+    "snapshots": (run_snapshots, "list committed snapshots"),
+    "discard": (run_discard, "remove the files of an interrupted publish"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: raybc COMMAND [options]   (raybc COMMAND --help for its options)\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return EXIT_OK if args else EXIT_CONFIG
+    if args[0] == "--version":
+        from raybc import __version__
+
+        print(f"raybc {__version__}")
+        return EXIT_OK
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; run `raybc --help` for the list", file=sys.stderr)
+        return EXIT_CONFIG
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    return guarded(lambda: COMMANDS[name][0](rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

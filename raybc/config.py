@@ -1,0 +1,88 @@
+"""Job configs: what each job and ``raybc`` command accepts, as pydantic models.
+
+Each job config nests the options of the components it drives (``StorageOptions``,
+``BackfillOptions``, ...), which live next to those components. A config comes from a YAML file
+(``--config FILE``), from flags, or both (flags win); unknown fields anywhere are an error, and all
+problems are reported at once (see :func:`raybc.options.load_options`).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from raybc.backfill import BackfillOptions
+from raybc.errors import StorageError
+from raybc.options import Options
+from raybc.storage import StorageOptions, check_segment, split_uri
+
+
+def _check_uri(v: str) -> str:
+    try:
+        split_uri(v)
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
+    return v
+
+
+class BackfillJobConfig(Options):
+    """``jobs/backfill.py`` and ``raybc backfill``."""
+
+    root: str = Field(description="Root URI of the registry, embeddings and snapshots (local path, s3://, gs://).")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    backfill: BackfillOptions = Field(default_factory=BackfillOptions)
+    ray_address: str | None = Field(default=None, description="Ray cluster; default $RAY_ADDRESS or a new local Ray.")
+    summary_json: str | None = Field(default=None, description="Also write the summary as JSON to this local path.")
+
+    _root = field_validator("root")(_check_uri)
+
+
+class DemoConfig(Options):
+    """``raybc demo``: a synthetic registry in a local folder, backfilled and verified."""
+
+    root: str = "./demo-root"
+    rows: int = Field(default=200_000, ge=1, le=1_000_000_000, description="Rows per entity in the newest version.")
+    dims: list[int] = Field(default=[32, 48, 64, 96, 128], description="Dimension of each version, v0 first.")
+    entities: list[str] = Field(default=["users", "items"])
+    rows_per_file: int = Field(default=250_000, ge=1)
+    seed: int = 0
+    ray_address: str | None = None
+
+    _root = field_validator("root")(_check_uri)
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if len(v) < 2:
+            raise ValueError("give at least two versions' dimensions, e.g. [32, 48, 64]")
+        if any(d <= 0 for d in v):
+            raise ValueError("dimensions must be positive")
+        return v
+
+    @field_validator("entities")
+    @classmethod
+    def _entities(cls, v: list[str]) -> list[str]:
+        for e in v:
+            check_segment(e, what="entity name")
+        return v
+
+
+class RegisterConfig(Options):
+    """``raybc register``: publish a version trained elsewhere from its z_k and B_k."""
+
+    root: str
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    version: int = Field(ge=0)
+    embeddings: dict[str, str] = Field(description="entity -> URI of a Parquet file or folder of z_k.")
+    aligner: str | None = Field(default=None, description="URI of B_k as .npy or .safetensors (not for v0).")
+    method: str = "external"
+    source_storage: StorageOptions | None = Field(
+        default=None, description="How to reach the source files when they live elsewhere than the root."
+    )
+
+    _root = field_validator("root")(_check_uri)
+
+    @model_validator(mode="after")
+    def _entities(self) -> RegisterConfig:
+        for e in self.embeddings:
+            check_segment(e, what="entity name")
+        return self

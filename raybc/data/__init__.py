@@ -1,0 +1,1 @@
+"""Data sets: synthetic embedding tables and registries (and, with training, interaction data)."""

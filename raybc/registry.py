@@ -1,0 +1,607 @@
+"""The version registry: published versions, their weights, their embeddings, their lineage.
+
+Layout below a root (the storage contract)::
+
+    registry/v<k>/manifest.json        immutable once published
+    registry/v<k>/model.safetensors    M_k weights (when raybc trained it)
+    registry/v<k>/aligner.safetensors  B_k: v<k> -> v<k-1> (absent for v0)
+    embeddings/v<k>/<entity>/*.parquet z_k
+
+A version is *published* when its manifest exists. Publishing writes the weight files first, each
+create-exclusive (so two publishers of one version cannot overwrite each other's weights), then the
+manifest, create-exclusive too: of two publishers exactly one wins, the other gets a clear error,
+and a published version can never be overwritten. The manifest records every weight file's sha256
+and size; loading verifies both before parsing, and parsing is safetensors: it never unpickles.
+
+Versions trained elsewhere join through :meth:`Registry.register`: the user's z_k Parquet files
+and B_k matrix are checked, copied into the layout and published like any other version.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybc import __version__
+from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, write_table
+from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, RegistryError, StorageError
+from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, json_bytes
+from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, to_bytes
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+ALIGNER_FILE = "aligner.safetensors"
+VERSION_FORMAT = "raybc.version/1"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def version_dir(k: int) -> str:
+    return f"v{int(k)}"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A weight file of a version, as its manifest records it."""
+
+    file: str
+    sha256: str
+    bytes: int
+    spec: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes, "spec": self.spec}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the entity folder
+    rows: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class EntityFiles:
+    """The Parquet files of one entity's embeddings in one version."""
+
+    entity: str
+    dim: int
+    id_type: str  # "int64" or "string"
+    files: tuple[FileEntry, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "id_type": self.id_type,
+            "rows": self.rows,
+            "files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in self.files],
+        }
+
+    @staticmethod
+    def from_json(entity: str, d: Mapping[str, Any]) -> EntityFiles:
+        return EntityFiles(
+            entity=entity,
+            dim=int(d["dim"]),
+            id_type=str(d["id_type"]),
+            files=tuple(FileEntry(str(f["path"]), int(f["rows"]), int(f["bytes"])) for f in d["files"]),
+        )
+
+
+@dataclass(frozen=True)
+class Version:
+    """A published version, read from its manifest."""
+
+    version: int
+    parent: int | None
+    dim: int
+    method: str
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    aligner: WeightFile | None
+    model: WeightFile | None
+    embeddings: dict[str, EntityFiles]
+    created_at: str
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def entities(self) -> list[str]:
+        return sorted(self.embeddings)
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """M_k: its tensors and the constructor arguments that rebuild it."""
+
+    tensors: dict[str, np.ndarray]
+    spec: dict[str, Any]
+
+
+def _id_type_name(t: pa.DataType) -> str:
+    return "int64" if pa.types.is_integer(t) else "string"
+
+
+class Registry:
+    """Versions below ``<root>/registry`` and their embeddings below ``<root>/embeddings``."""
+
+    def __init__(self, root: Storage | str, options: StorageOptions | None = None):
+        self.root = root if isinstance(root, Storage) else Storage(root, options)
+        self._versions: dict[int, Version] = {}
+        self._aligners: dict[int, Transform] = {}
+
+    def __repr__(self) -> str:
+        return f"Registry({self.root.uri()!r})"
+
+    # ------------------------------------------------------------------ reading
+
+    def versions(self) -> list[int]:
+        """Published versions (those with a manifest), ascending."""
+        found = []
+        for name in self.root.list("registry"):
+            m = _VERSION_DIR.match(name)
+            if m and self.root.exists(f"registry/{name}/{MANIFEST}"):
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def latest(self) -> int | None:
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def is_published(self, k: int) -> bool:
+        return self.root.exists(f"registry/{version_dir(k)}/{MANIFEST}")
+
+    def get(self, k: int) -> Version:
+        """The manifest of version ``k``; RegistryError names what is missing and how to fix it."""
+        if k in self._versions:
+            return self._versions[k]
+        if not isinstance(k, (int, np.integer)) or k < 0:
+            raise RegistryError(f"invalid version {k!r}: versions are integers >= 0")
+        rel = f"registry/{version_dir(k)}/{MANIFEST}"
+        try:
+            m = self.root.read_json(rel)
+        except FileNotFoundError:
+            known = self.versions()
+            raise RegistryError(
+                f"version {k} is not published in {self.root.uri('registry')} "
+                f"(published: {', '.join(f'v{v}' for v in known) or 'none'})"
+            ) from None
+        v = self._parse_manifest(k, m, self.root.uri(rel))
+        self._versions[k] = v
+        return v
+
+    def _parse_manifest(self, k: int, m: Any, source: str) -> Version:
+        problems = []
+        if not isinstance(m, dict):
+            raise IntegrityError(f"{source}: manifest must be a JSON object")
+        if m.get("format") != VERSION_FORMAT:
+            problems.append(f"format is {m.get('format')!r}, expected {VERSION_FORMAT!r}")
+        if m.get("version") != k:
+            problems.append(f"names version {m.get('version')!r} but lies in folder v{k}")
+        if k > 0 and m.get("parent") != k - 1:
+            problems.append(f"parent is {m.get('parent')!r}, expected {k - 1}")
+        if not isinstance(m.get("dim"), int) or m["dim"] <= 0:
+            problems.append(f"dim is {m.get('dim')!r}, expected a positive integer")
+        if k > 0 and not isinstance(m.get("aligner"), dict):
+            problems.append("has no aligner entry; every version after v0 needs B_k")
+        if problems:
+            raise IntegrityError(f"{source}: tampered or damaged manifest: " + "; ".join(problems))
+        try:
+            weights = {
+                name: (None if m.get(name) is None else WeightFile(**{key: m[name][key] for key in ("file", "sha256", "bytes", "spec")}))
+                for name in ("aligner", "model")
+            }
+            embeddings = {e: EntityFiles.from_json(e, d) for e, d in (m.get("embeddings") or {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{source}: tampered or damaged manifest: bad entry ({exc!r})") from None
+        for wf in weights.values():
+            if wf is not None and wf.file not in (MODEL_FILE, ALIGNER_FILE):
+                raise IntegrityError(f"{source}: weight file name {wf.file!r} is not allowed")
+        for e in embeddings.values():
+            check_segment(e.entity, what="entity name")
+            for f in e.files:
+                check_segment(f.path, what=f"embedding file name in {source}")
+        return Version(
+            version=k,
+            parent=m.get("parent"),
+            dim=int(m["dim"]),
+            method=str(m.get("method", "unknown")),
+            hyperparameters=dict(m.get("hyperparameters") or {}),
+            metrics=dict(m.get("metrics") or {}),
+            aligner=weights["aligner"],
+            model=weights["model"],
+            embeddings=embeddings,
+            created_at=str(m.get("created_at", "")),
+            manifest=m,
+        )
+
+    def lineage(self, k: int) -> list[int]:
+        """[k, k-1, ..., 0], checking every ancestor is published."""
+        out = []
+        for v in range(k, -1, -1):
+            self.get(v)
+            out.append(v)
+        return out
+
+    def _read_weight(self, k: int, wf: WeightFile) -> bytes:
+        rel = f"registry/{version_dir(k)}/{wf.file}"
+        try:
+            data = self.root.read_bytes(rel)
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.root.uri(rel)} is missing but v{k}'s manifest lists it; restore it") from None
+        if len(data) != wf.bytes:
+            raise IntegrityError(
+                f"{self.root.uri(rel)} has {len(data)} bytes but the manifest records {wf.bytes}: "
+                "truncated or replaced; restore the original file"
+            )
+        digest = sha256_hex(data)
+        if digest != wf.sha256:
+            raise IntegrityError(
+                f"{self.root.uri(rel)}: sha256 {digest[:16]}... does not match the manifest's {wf.sha256[:16]}...: "
+                "the file was changed after publishing; restore the original file"
+            )
+        return data
+
+    def aligner(self, k: int) -> Transform:
+        """B_k (v<k> -> v<k-1>), checksum-verified."""
+        if k in self._aligners:
+            return self._aligners[k]
+        v = self.get(k)
+        if v.aligner is None:
+            raise RegistryError(f"v{k} has no backward transform (v0 is the oldest version)")
+        data = self._read_weight(k, v.aligner)
+        t = from_bytes(data, source=self.root.uri(f"registry/{version_dir(k)}/{v.aligner.file}"))
+        parent_dim = self.get(k - 1).dim
+        if (t.in_dim, t.out_dim) != (v.dim, parent_dim):
+            raise IntegrityError(f"B_{k} maps {t.in_dim}->{t.out_dim} but v{k} has dim {v.dim} and v{k - 1} has {parent_dim}")
+        self._aligners[k] = t
+        return t
+
+    def model(self, k: int) -> ModelWeights:
+        """M_k's tensors and constructor arguments, checksum-verified."""
+        from safetensors.numpy import load as st_load
+
+        v = self.get(k)
+        if v.model is None:
+            raise RegistryError(f"v{k} has no model weights (it was registered from elsewhere)")
+        data = self._read_weight(k, v.model)
+        try:
+            tensors = st_load(data)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise IntegrityError(f"v{k} {v.model.file} is not a readable safetensors file ({exc})") from None
+        return ModelWeights(tensors=tensors, spec=dict(v.model.spec))
+
+    def plan(self, source: int, targets: Iterable[int]) -> FanOutPlan:
+        """The fused fan-out transform from ``source`` to every version in ``targets``."""
+        targets = sorted(set(int(t) for t in targets))
+        for t in targets:
+            if t >= source or t < 0:
+                raise RegistryError(f"target version {t} is not older than source v{source}; targets lie in 0..{source - 1}")
+            self.get(t)
+        steps = {v: self.aligner(v) for v in range(source, targets[0], -1)}
+        return FanOutPlan(source, targets, steps)
+
+    def transform(self, source: int, target: int) -> BackwardTransform:
+        """A callable turning batches of z_source into version ``target`` (online use)."""
+        return BackwardTransform(self.plan(source, [target]), target)
+
+    def embeddings_storage(self, k: int, entity: str) -> Storage:
+        return self.root.child("embeddings", version_dir(k), check_segment(entity, what="entity name"))
+
+    # ------------------------------------------------------------------ writing
+
+    def write_embeddings(
+        self, k: int, entity: str, tables: Iterable[pa.Table], *, compression: str = "none", row_group_rows: int = ROW_GROUP_ROWS
+    ) -> EntityFiles:
+        """Write z_k of ``entity`` as part-NNNNN.parquet files (one per table) for a not-yet-published version."""
+        if self.is_published(k):
+            raise AlreadyExistsError(f"v{k} is already published; its embeddings are immutable")
+        store = self.embeddings_storage(k, entity)
+        if store.walk_files():
+            raise AlreadyExistsError(f"{store.uri()} already holds files; remove them or write to a new version")
+        entries, dim, id_type = [], None, None
+        for i, t in enumerate(tables):
+            layout = inspect_schema(t.schema, source=f"{entity} table {i}", expected_dim=dim)
+            dim, id_type = layout.dim, _id_type_name(layout.id_type)
+            name = f"part-{i:05d}.parquet"
+            with store.open_output(name) as f:
+                write_table(f, t, compression=compression, row_group_rows=row_group_rows)
+            entries.append(FileEntry(name, t.num_rows, store.size(name)))
+        if dim is None:
+            raise InputDataError(f"no embeddings given for {entity} of v{k}")
+        return EntityFiles(entity=entity, dim=dim, id_type=id_type or "int64", files=tuple(entries))
+
+    def scan_embeddings(self, k: int, entity: str, *, expected_dim: int | None = None) -> EntityFiles:
+        """Describe the Parquet files already in embeddings/v<k>/<entity>/ from their footers."""
+        store = self.embeddings_storage(k, entity)
+        names = [n for n in store.list() if n.endswith(".parquet")]
+        if not names:
+            raise InputDataError(f"{store.uri()} holds no .parquet files")
+
+        def describe(name: str) -> tuple[FileEntry, Any]:
+            with store.open_input(name) as f:
+                try:
+                    md = pq.ParquetFile(f).metadata
+                    schema = md.schema.to_arrow_schema()
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise InputDataError(f"{store.uri(name)} is not a readable Parquet file ({exc})") from None
+            return FileEntry(name, md.num_rows, store.size(name)), schema
+
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            described = list(pool.map(describe, names))
+        dim, id_type = expected_dim, None
+        for (entry, schema) in described:
+            layout = inspect_schema(schema, source=store.uri(entry.path), expected_dim=dim)
+            if layout.dim < 0:
+                raise InputDataError(f"{store.uri(entry.path)}: variable-length embeddings; give the version's dimension")
+            dim = layout.dim
+            t = _id_type_name(layout.id_type)
+            if id_type is not None and t != id_type:
+                raise InputDataError(f"{store.uri(entry.path)}: ids are {t} but other files of {entity} hold {id_type} ids")
+            id_type = t
+        return EntityFiles(entity=entity, dim=int(dim), id_type=id_type or "int64", files=tuple(e for e, _ in described))
+
+    def publish(
+        self,
+        k: int,
+        *,
+        dim: int,
+        method: str,
+        aligner: Transform | None,
+        embeddings: Mapping[str, EntityFiles] | None = None,
+        model: ModelWeights | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Version:
+        """Publish version ``k``: weights (create-exclusive), then the manifest (create-exclusive).
+
+        ``embeddings`` defaults to scanning embeddings/v<k>/ for every entity folder there.
+        """
+        if not isinstance(k, (int, np.integer)) or k < 0:
+            raise RegistryError(f"invalid version {k!r}: versions are integers >= 0")
+        k = int(k)
+        if self.is_published(k):
+            raise AlreadyExistsError(
+                f"v{k} is already published in {self.root.uri('registry')}; published versions are immutable: publish v{k + 1}"
+            )
+        if k > 0:
+            if not self.is_published(k - 1):
+                raise RegistryError(f"cannot publish v{k}: its parent v{k - 1} is not published; publish v{k - 1} first")
+            parent_dim = self.get(k - 1).dim
+            if aligner is None:
+                raise RegistryError(f"v{k} needs a backward transform B_{k} ({dim} -> {parent_dim}) to be published")
+            if (aligner.in_dim, aligner.out_dim) != (dim, parent_dim):
+                raise RegistryError(
+                    f"B_{k} maps {aligner.in_dim}->{aligner.out_dim} but v{k} has dim {dim} and v{k - 1} has dim {parent_dim}"
+                )
+        elif aligner is not None:
+            raise RegistryError("v0 is the oldest version: it takes no backward transform")
+
+        if embeddings is None:
+            names = self.root.list(f"embeddings/{version_dir(k)}")
+            embeddings = {e: self.scan_embeddings(k, e, expected_dim=dim) for e in names}
+        for e, ef in embeddings.items():
+            if ef.dim != dim:
+                raise InputDataError(f"embeddings of {e} have dimension {ef.dim}, but v{k} has dimension {dim}")
+            store = self.embeddings_storage(k, e)
+            for f in ef.files:
+                if not store.exists(f.path):
+                    raise InputDataError(f"{store.uri(f.path)} is listed for v{k} but does not exist")
+
+        files: dict[str, WeightFile] = {}
+        blobs: list[tuple[str, str, bytes, dict[str, Any]]] = []
+        if aligner is not None:
+            blobs.append(("aligner", ALIGNER_FILE, to_bytes(aligner), aligner.spec()))
+        if model is not None:
+            from safetensors.numpy import save as st_save
+
+            blobs.append(("model", MODEL_FILE, st_save({n: np.ascontiguousarray(a) for n, a in model.tensors.items()}), dict(model.spec)))
+        for key, name, data, spec in sorted(blobs, key=lambda b: b[1]):  # one fixed order: the first file decides a race
+            self._put_weight(k, name, data)
+            files[key] = WeightFile(file=name, sha256=sha256_hex(data), bytes=len(data), spec=spec)
+
+        manifest = {
+            "format": VERSION_FORMAT,
+            "version": k,
+            "parent": k - 1 if k > 0 else None,
+            "dim": int(dim),
+            "parent_dim": self.get(k - 1).dim if k > 0 else None,
+            "method": method,
+            "hyperparameters": dict(hyperparameters or {}),
+            "metrics": dict(metrics or {}),
+            "aligner": files["aligner"].to_json() if "aligner" in files else None,
+            "model": files["model"].to_json() if "model" in files else None,
+            "embeddings": {e: ef.to_json() for e, ef in sorted(embeddings.items())},
+            "created_at": utc_now(),
+            "raybc_version": __version__,
+            **dict(extra or {}),
+        }
+        rel = f"registry/{version_dir(k)}/{MANIFEST}"
+        try:
+            self.root.create_exclusive(rel, json_bytes(manifest))
+        except AlreadyExistsError:
+            raise AlreadyExistsError(
+                f"v{k} was published by another publisher while this one was writing; "
+                f"its manifest at {self.root.uri(rel)} stands and this attempt changed nothing"
+            ) from None
+        return self.get(k)
+
+    def _put_weight(self, k: int, name: str, data: bytes) -> None:
+        rel = f"registry/{version_dir(k)}/{name}"
+        try:
+            self.root.create_exclusive(rel, data)
+        except AlreadyExistsError:
+            existing = self.root.read_bytes(rel)
+            if sha256_hex(existing) == sha256_hex(data):
+                return  # the same bytes from an earlier, interrupted attempt of this very publish
+            if self.is_published(k):
+                raise AlreadyExistsError(f"v{k} is already published; published versions are immutable: publish v{k + 1}") from None
+            raise AlreadyExistsError(
+                f"{self.root.uri(rel)} holds different weights from another publisher of v{k} (running now, or "
+                f"interrupted before publishing its manifest). If no other publish of v{k} is running, remove the "
+                f"unpublished files with `raybc registry discard --root {self.root.uri()} --version {k}` and retry"
+            ) from None
+
+    def discard_unpublished(self, k: int) -> list[str]:
+        """Remove the weight files of an interrupted publish of ``k``; refuses a published version."""
+        if self.is_published(k):
+            raise RegistryError(f"v{k} is published; published versions are immutable and are never discarded")
+        removed = []
+        for name in (ALIGNER_FILE, MODEL_FILE):
+            rel = f"registry/{version_dir(k)}/{name}"
+            if self.root.exists(rel):
+                self.root.remove(rel)
+                removed.append(self.root.uri(rel))
+        return removed
+
+    # ------------------------------------------------------------------ versions trained elsewhere
+
+    def register(
+        self,
+        k: int,
+        *,
+        embeddings: Mapping[str, str],
+        aligner: str | None,
+        source_options: StorageOptions | None = None,
+        method: str = "external",
+        metrics: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+    ) -> Version:
+        """Publish a version trained elsewhere from its z_k Parquet files and its B_k matrix.
+
+        ``embeddings`` maps entity -> URI of a Parquet file or a folder of them. ``aligner`` is a
+        URI of a ``.npy`` or ``.safetensors`` file holding B_k as (d_{k-1}, d_k) or (d_k, d_{k-1}).
+        """
+        if not embeddings:
+            raise InputDataError("register needs at least one entity's embeddings (entity=URI)")
+        sources: dict[str, tuple[Storage, list[str]]] = {}
+        dim: int | None = None
+        for entity, uri in embeddings.items():
+            check_segment(entity, what="entity name")
+            src = Storage(uri, source_options)
+            if src.isdir():
+                names = [n for n in src.list() if n.endswith(".parquet")]
+                base = src
+            else:
+                parent_uri, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
+                base, names = Storage(parent_uri, source_options), [name]
+                if not base.exists(name):
+                    raise InputDataError(f"{uri}: no such file or folder")
+            if not names:
+                raise InputDataError(f"{uri}: no .parquet files there")
+            for n in names:
+                with base.open_input(n) as f:
+                    try:
+                        schema = pq.ParquetFile(f).schema_arrow
+                    except (pa.ArrowInvalid, OSError) as exc:
+                        raise InputDataError(f"{base.uri(n)} is not a readable Parquet file ({exc})") from None
+                layout = inspect_schema(schema, source=base.uri(n), expected_dim=dim)
+                if layout.dim < 0:
+                    raise InputDataError(f"{base.uri(n)}: embeddings must be fixed_size_list<float32>[d] to register")
+                dim = layout.dim
+            sources[entity] = (base, names)
+        assert dim is not None
+
+        b = None
+        if k > 0:
+            if aligner is None:
+                raise InputDataError(f"v{k} needs B_{k}: give --aligner FILE (.npy or .safetensors)")
+            b = self._read_matrix(aligner, source_options, in_dim=dim, out_dim=self.get(k - 1).dim)
+        elif aligner is not None:
+            raise InputDataError("v0 is the oldest version: it takes no --aligner")
+
+        if self.is_published(k):
+            raise AlreadyExistsError(f"v{k} is already published; published versions are immutable: register v{k + 1}")
+        listing = {}
+        for entity, (base, names) in sources.items():
+            dest = self.embeddings_storage(k, entity)
+            if dest.walk_files():
+                raise AlreadyExistsError(f"{dest.uri()} already holds files of an unfinished registration; remove them first")
+            for i, n in enumerate(sorted(names)):
+                dest.copy_from(base, n, f"part-{i:05d}.parquet")
+            listing[entity] = self.scan_embeddings(k, entity, expected_dim=dim)
+        return self.publish(
+            k, dim=dim, method=method, aligner=b, embeddings=listing, metrics=metrics, hyperparameters=hyperparameters,
+            extra={"registered_from": {e: Storage(u, source_options).uri() for e, u in embeddings.items()}},
+        )  # fmt: skip
+
+    @staticmethod
+    def _read_matrix(uri: str, options: StorageOptions | None, *, in_dim: int, out_dim: int) -> Transform:
+        parent_uri, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
+        store = Storage(parent_uri, options)
+        try:
+            data = store.read_bytes(name)
+        except FileNotFoundError:
+            raise InputDataError(f"{uri}: no such file") from None
+        if name.endswith(".npy"):
+            try:
+                m = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle user files
+            except ValueError as exc:
+                raise InputDataError(f"{uri}: not a plain .npy matrix ({exc})") from None
+            return from_matrix(m, in_dim=in_dim, out_dim=out_dim, source=uri)
+        if name.endswith(".safetensors"):
+            t = from_bytes(data, source=uri)
+            if t.is_affine:
+                return from_matrix(t.weight, in_dim=in_dim, out_dim=out_dim, bias=t.bias, source=uri)  # type: ignore[attr-defined]
+            if (t.in_dim, t.out_dim) != (in_dim, out_dim):
+                raise InputDataError(f"{uri}: transform maps {t.in_dim}->{t.out_dim}, expected {in_dim}->{out_dim}")
+            return t
+        raise InputDataError(f"{uri}: B_k must be a .npy or .safetensors file")
+
+
+class BackwardTransform:
+    """z_source -> version ``target`` for batches in memory (numpy or torch), fused into one matmul."""
+
+    def __init__(self, plan: FanOutPlan, target: int):
+        self.plan = plan
+        self.target = target
+        self.source = plan.source_version
+
+    @property
+    def in_dim(self) -> int:
+        return self.plan.in_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.plan.out_dims[self.target]
+
+    def __call__(self, z: Any) -> Any:
+        if type(z).__module__.startswith("torch"):
+            import torch
+
+            out = self.plan.apply(z.detach().cpu().numpy())[self.target]
+            return torch.from_numpy(out).to(z.device)
+        return self.plan.apply(np.asarray(z))[self.target]
+
+    def __repr__(self) -> str:
+        return f"BackwardTransform(v{self.source} -> v{self.target}, {self.in_dim} -> {self.out_dim})"
+
+
+def open_registry(uri: str, options: StorageOptions | None = None) -> Registry:
+    return Registry(Storage(uri, options))
+
+
+__all__ = [
+    "ALIGNER_FILE", "MANIFEST", "MODEL_FILE", "BackwardTransform", "EntityFiles", "FileEntry", "ModelWeights",
+    "Registry", "StorageError", "Version", "WeightFile", "open_registry",
+]  # fmt: skip

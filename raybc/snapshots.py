@@ -1,0 +1,308 @@
+"""Snapshots: the commit protocol that makes a backfill visible all at once, and the readers.
+
+Layout below a root (the storage contract)::
+
+    snapshots/as-v<j>/<entity>/from-v<k>/<run>/part-*.parquet   z_k transformed into version j
+    snapshots/as-v<j>/<entity>/from-v<k>/<run>/manifest.json    files, rows, dim of the run
+    snapshots/as-v<j>/<entity>/CURRENT                          {"manifest": "from-v<k>/<run>/manifest.json", ...}
+
+A run's data files are written under a folder of their own. Commit checks every file (rows and
+dimension from its Parquet footer), writes the run's ``manifest.json``, and only then replaces
+``CURRENT`` in one atomic write. Readers go CURRENT -> manifest -> files, so they see the previous
+snapshot or the new one, never a mix, and a crashed run is invisible. Runs are never modified after
+commit; superseded runs stay readable until retention removes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybc.embeddings import EMBEDDING, ID
+from raybc.errors import IntegrityError, SnapshotError
+from raybc.registry import FileEntry, Registry, utc_now
+from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment
+
+if TYPE_CHECKING:
+    import ray.data
+
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+SNAPSHOT_FORMAT = "raybc.snapshot/1"
+POINTER_FORMAT = "raybc.current/1"
+_MANIFEST_REF = re.compile(r"^from-v(\d+)/([A-Za-z0-9_][A-Za-z0-9_.=+-]*)/manifest\.json$")
+_AS_DIR = re.compile(r"^as-v(\d+)$")
+
+
+
+def snapshot_dir(target: int, entity: str) -> str:
+    return f"snapshots/as-v{int(target)}/{check_segment(entity, what='entity name')}"
+
+
+def run_dir(target: int, entity: str, source: int, run_id: str) -> str:
+    return f"{snapshot_dir(target, entity)}/from-v{int(source)}/{check_segment(run_id, what='run id')}"
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What CURRENT says: the committed manifest (relative to CURRENT's folder) and its source."""
+
+    manifest: str
+    source_version: int
+    target_version: int
+    run_id: str
+    rows: int
+    committed_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": POINTER_FORMAT,
+            "manifest": self.manifest,
+            "source_version": self.source_version,
+            "target_version": self.target_version,
+            "run_id": self.run_id,
+            "rows": self.rows,
+            "committed_at": self.committed_at,
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A committed snapshot: its manifest and the storage paths of its files."""
+
+    target_version: int
+    entity: str
+    source_version: int
+    run_id: str
+    dim: int
+    rows: int
+    files: tuple[str, ...]  # paths relative to the root
+    manifest: dict[str, Any]
+
+
+def check_part_file(root: Storage, rel: str, *, rows: int, dim: int) -> int:
+    """Check a written part from its footer: row count and dimension. Returns its size in bytes."""
+    try:
+        with root.open_input(rel) as f:
+            md = pq.ParquetFile(f).metadata
+            schema = md.schema.to_arrow_schema()
+    except FileNotFoundError:
+        raise SnapshotError(f"{root.uri(rel)} is missing; the run is incomplete, run the backfill again") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SnapshotError(f"{root.uri(rel)} is not a readable Parquet file ({exc}); run the backfill again") from None
+    emb = schema.field(EMBEDDING).type if EMBEDDING in schema.names else None
+    if md.num_rows != rows:
+        raise SnapshotError(f"{root.uri(rel)} holds {md.num_rows} rows, expected {rows}")
+    if emb is None or not pa.types.is_fixed_size_list(emb) or emb.list_size != dim:
+        raise SnapshotError(f"{root.uri(rel)}: embedding column is {emb}, expected fixed_size_list[{dim}]")
+    return root.size(rel)
+
+
+class Snapshots:
+    """Committed snapshots below ``<root>/snapshots``."""
+
+    def __init__(self, root: Storage | str, options: StorageOptions | None = None):
+        self.root = root if isinstance(root, Storage) else Storage(root, options)
+
+    # ------------------------------------------------------------------ reading
+
+    def pointer(self, target: int, entity: str) -> Pointer | None:
+        """The parsed CURRENT of (target, entity), or None when nothing is committed."""
+        rel = f"{snapshot_dir(target, entity)}/{CURRENT}"
+        try:
+            d = self.root.read_json(rel)
+        except FileNotFoundError:
+            return None
+        if not isinstance(d, dict):
+            raise IntegrityError(f"{self.root.uri(rel)}: expected a JSON object")
+        ref = str(d.get("manifest", ""))
+        m = _MANIFEST_REF.match(ref)
+        if not m:
+            raise IntegrityError(
+                f"{self.root.uri(rel)}: manifest reference {ref!r} is not of the form from-v<k>/<run>/manifest.json"
+            )
+        try:
+            source = int(d["source_version"])
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"{self.root.uri(rel)}: no valid source_version") from None
+        if source != int(m.group(1)):
+            raise IntegrityError(f"{self.root.uri(rel)}: source_version {source} disagrees with {ref}")
+        return Pointer(
+            manifest=ref,
+            source_version=source,
+            target_version=int(d.get("target_version", target)),
+            run_id=m.group(2),
+            rows=int(d.get("rows", -1)),
+            committed_at=str(d.get("committed_at", "")),
+        )
+
+    def get(self, target: int, entity: str) -> Snapshot:
+        """The committed snapshot of ``entity`` as version ``target``; SnapshotError if none."""
+        p = self.pointer(target, entity)
+        if p is None:
+            raise SnapshotError(
+                f"no committed snapshot of {entity!r} as v{target} in {self.root.uri('snapshots')}; "
+                f"run `raybc backfill --root {self.root.uri()} --to-versions {target}`"
+            )
+        base = snapshot_dir(target, entity)
+        rel = f"{base}/{p.manifest}"
+        try:
+            man = self.root.read_json(rel)
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.root.uri(base)}/CURRENT names {p.manifest}, which does not exist") from None
+        run = rel.rsplit("/", 1)[0]
+        files = []
+        for f in man.get("files", []):
+            path = f if isinstance(f, str) else f.get("path")
+            files.append(f"{run}/{check_segment(str(path), what='snapshot file name')}")
+        return Snapshot(
+            target_version=target,
+            entity=entity,
+            source_version=int(man["source_version"]),
+            run_id=p.run_id,
+            dim=int(man["dim"]),
+            rows=int(man["rows"]),
+            files=tuple(files),
+            manifest=man,
+        )
+
+    def list(self) -> list[tuple[int, str, Pointer]]:
+        """Every committed (target version, entity, pointer), sorted."""
+        out = []
+        for as_name in self.root.list("snapshots"):
+            m = _AS_DIR.match(as_name)
+            if not m:
+                continue
+            for entity in self.root.list(f"snapshots/{as_name}"):
+                p = self.pointer(int(m.group(1)), entity)
+                if p is not None:
+                    out.append((int(m.group(1)), entity, p))
+        return sorted(out, key=lambda t: (t[0], t[1]))
+
+    def read_table(self, target: int, entity: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+        """The committed snapshot as one pyarrow Table (columns ``id``, ``embedding``)."""
+        snap = self.get(target, entity)
+        cols = list(columns) if columns is not None else [ID, EMBEDDING]
+        tables = []
+        for rel in snap.files:
+            with self.root.open_input(rel) as f:
+                tables.append(pq.read_table(f, columns=cols))
+        if not tables:
+            return pa.table({c: pa.array([]) for c in cols})
+        return pa.concat_tables(tables)
+
+    def dataset(self, target: int, entity: str, **read_kwargs: Any) -> ray.data.Dataset:
+        """The committed snapshot as a Ray Dataset (streamed from storage by Ray Data)."""
+        import ray.data
+
+        snap = self.get(target, entity)
+        fs = self.root.arrow_filesystem()
+        return ray.data.read_parquet([self.root.path(r) for r in snap.files], filesystem=fs, **read_kwargs)
+
+    # ------------------------------------------------------------------ committing
+
+    def commit(
+        self,
+        *,
+        target: int,
+        entity: str,
+        source: int,
+        run_id: str,
+        dim: int,
+        parts: Sequence[FileEntry],
+        extra: dict[str, Any] | None = None,
+    ) -> Pointer:
+        """Check every part, write the run's manifest, then swap CURRENT (the single visible step)."""
+        run = run_dir(target, entity, source, run_id)
+
+        def check(p: FileEntry) -> FileEntry:
+            size = check_part_file(self.root, f"{run}/{p.path}", rows=p.rows, dim=dim)
+            return FileEntry(p.path, p.rows, size)
+
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            checked = list(pool.map(check, parts))
+        rows = sum(p.rows for p in checked)
+        manifest = {
+            "format": SNAPSHOT_FORMAT,
+            "source_version": int(source),
+            "target_version": int(target),
+            "entity": entity,
+            "dim": int(dim),
+            "rows": rows,
+            "run_id": run_id,
+            "files": [{"path": p.path, "rows": p.rows, "bytes": p.bytes} for p in checked],
+            "created_at": utc_now(),
+            **(extra or {}),
+        }
+        self.root.write_json_atomic(f"{run}/{MANIFEST}", manifest)
+        pointer = Pointer(
+            manifest=f"from-v{int(source)}/{run_id}/{MANIFEST}",
+            source_version=int(source),
+            target_version=int(target),
+            run_id=run_id,
+            rows=rows,
+            committed_at=utc_now(),
+        )
+        self.root.write_json_atomic(f"{snapshot_dir(target, entity)}/{CURRENT}", pointer.to_json())
+        return pointer
+
+
+def read_snapshot(root: str, entity: str, version: int, *, options: StorageOptions | None = None) -> pa.Table:
+    """The committed snapshot of ``entity`` as version ``version``, as a pyarrow Table."""
+    return Snapshots(root, options).read_table(version, entity)
+
+
+def read_snapshot_dataset(root: str, entity: str, version: int, *, options: StorageOptions | None = None) -> ray.data.Dataset:
+    """The committed snapshot of ``entity`` as version ``version``, as a Ray Dataset."""
+    return Snapshots(root, options).dataset(version, entity)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How a committed snapshot compares with the reference transform of its source embeddings."""
+
+    target_version: int
+    entity: str
+    rows: int
+    input_rows: int
+    ids_match: bool  # every input id exactly once
+    max_rel_error: float  # max over rows of |got - ref| / |ref|, reference in float64 step by step
+
+    @property
+    def ok(self) -> bool:
+        return self.ids_match and self.rows == self.input_rows and self.max_rel_error < 1e-5
+
+
+def verify_snapshot(registry: Registry, target: int, entity: str) -> Verification:
+    """Read a committed snapshot and its source embeddings whole and compare (demo, tests, audits)."""
+    from raybc.embeddings import read_matrix
+    from raybc.transforms import apply_steps, chain_steps
+
+    snaps = Snapshots(registry.root)
+    snap = snaps.get(target, entity)
+    ids, got = read_matrix(snaps.read_table(target, entity))
+    src = registry.embeddings_storage(snap.source_version, entity)
+    tables = []
+    for f in registry.get(snap.source_version).embeddings[entity].files:
+        with src.open_input(f.path) as fh:
+            tables.append(pq.read_table(fh, columns=[ID, EMBEDDING]))
+    src_ids, z = read_matrix(pa.concat_tables(tables))
+    order = np.argsort(src_ids, kind="stable")
+    pos = np.searchsorted(src_ids[order], ids)
+    pos = np.clip(pos, 0, len(order) - 1)
+    ids_match = (
+        len(ids) == len(src_ids) and len(np.unique(ids)) == len(ids) and bool(np.all(src_ids[order][pos] == ids))
+    )
+    if not ids_match:
+        return Verification(target, entity, len(ids), len(src_ids), False, float("inf"))
+    steps = chain_steps({v: registry.aligner(v) for v in range(snap.source_version, target, -1)}, snap.source_version, target)
+    ref = apply_steps(steps, z[order][pos])
+    err = np.linalg.norm(got.astype(np.float64) - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+    return Verification(target, entity, len(ids), len(src_ids), True, float(err.max()) if len(err) else 0.0)

@@ -1,0 +1,491 @@
+"""Storage: one root URI, its filesystem, and the few write primitives the contract needs.
+
+Every location raybc reads or writes is a URI fsspec understands: a local path, ``file://``,
+``s3://`` (AWS or any S3-compatible endpoint), ``gs://`` (with ``gcsfs`` installed), ``memory://``.
+A :class:`Storage` is a root plus relative paths below it; all I/O goes through it, so every job
+runs the same code on a laptop folder and on object storage.
+
+Three kinds of write, because the contract needs exactly these:
+
+- :meth:`Storage.write_atomic` replaces an object in one step (a rename locally, one PUT on
+  object stores): readers see the old bytes or the new ones, never a mix. CURRENT uses it.
+- :meth:`Storage.create_exclusive` writes only if nothing is there yet (hard link locally,
+  ``If-None-Match: *`` on S3): of two writers exactly one wins. Published manifests use it.
+- :meth:`Storage.open_output` streams a large object and makes it visible only when the writer
+  finishes without error (temporary file + rename locally, multipart upload completed on close on
+  S3). A crash leaves at worst a hidden temporary, never a truncated file under the final name.
+
+This module is not the storage *layout* (see ``registry`` and ``snapshots``), and it never logs or
+prints credentials: they live in ``SecretStr`` fields and the repr shows only the URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+from pydantic import Field, SecretStr, field_validator
+
+from raybc.errors import AlreadyExistsError, StorageError
+from raybc.options import Options
+
+# Environment variables read when the options leave credentials unset. They are resolved once, in
+# the process that builds the Storage, and travel inside it to Ray workers: a worker's environment
+# may differ from the driver's (RAY_NOTES: credentials belong in the filesystem's constructor).
+_ENV_KEY = "AWS_ACCESS_KEY_ID"
+_ENV_SECRET = "AWS_SECRET_ACCESS_KEY"
+_ENV_TOKEN = "AWS_SESSION_TOKEN"
+_ENV_ENDPOINT = ("RAYBC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_ENV_REGION = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+# A path segment we accept below a root: no traversal, no hidden tricks, portable on object stores.
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
+
+_LOCAL_PROTOCOLS = {"file", "local"}
+
+# Threads for many small reads (Parquet footers, manifests): they are latency-bound on object
+# stores, so overlapping them is what makes planning over thousands of files quick.
+IO_THREADS = 16
+
+
+class StorageOptions(Options):
+    """How to reach the storage behind a root URI. Everything is optional for local folders.
+
+    Credentials left unset are taken from the standard AWS environment variables or, failing
+    those, from the usual provider chain (profile, instance role). They are never printed.
+    """
+
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (MinIO, moto, Ceph)."
+    )
+    region: str | None = Field(default=None, description="Bucket region, e.g. us-east-1.")
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    anonymous: bool = Field(default=False, description="Unsigned requests (public buckets).")
+    retries: int = Field(default=5, ge=0, le=20, description="Attempts for a throttled or failed request.")
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Further fsspec storage options, passed as is (e.g. gcsfs project)."
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_has_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must start with http:// or https:// and name a host, e.g. http://127.0.0.1:9000")
+        return v
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(protocol, path) of a URI; local paths come back absolute with protocol 'file'."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"storage URI must be a non-empty string, got {uri!r}")
+    protocol, path = fsspec.core.split_protocol(uri)
+    if protocol is None or protocol in _LOCAL_PROTOCOLS:
+        return "file", os.path.abspath(os.path.expanduser(path))
+    path = path.rstrip("/")
+    if not path:
+        raise StorageError(f"storage URI {uri!r} names no bucket or folder; use e.g. {protocol}://bucket/prefix")
+    if any(seg == ".." for seg in path.split("/")):
+        raise StorageError(f"storage URI {uri!r} contains '..'; give the location without parent references")
+    return protocol, path
+
+
+def check_segment(name: str, *, what: str = "name") -> str:
+    """Refuse a path segment that could escape its folder or break object-store keys."""
+    if not isinstance(name, str) or not _SEGMENT.match(name) or name in (".", ".."):
+        raise StorageError(
+            f"invalid {what} {name!r}: use letters, digits and _ . = + - only, not starting with '.' or '-'"
+        )
+    return name
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if os.environ.get(n):
+            return os.environ[n]
+    return None
+
+
+class Storage:
+    """A root location and its filesystem. Cheap to create, picklable, safe to print."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None):
+        self.protocol, self.root = split_uri(uri)
+        self.options = self._resolve_options(options or StorageOptions())
+        self._fs: fsspec.AbstractFileSystem | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    def _resolve_options(self, opts: StorageOptions) -> StorageOptions:
+        if self.protocol not in ("s3", "s3a"):
+            return opts
+        updates: dict[str, Any] = {}
+        if not opts.anonymous and opts.access_key_id is None and os.environ.get(_ENV_KEY):
+            updates["access_key_id"] = SecretStr(os.environ[_ENV_KEY])
+            if os.environ.get(_ENV_SECRET):
+                updates["secret_access_key"] = SecretStr(os.environ[_ENV_SECRET])
+            if os.environ.get(_ENV_TOKEN):
+                updates["session_token"] = SecretStr(os.environ[_ENV_TOKEN])
+        if opts.endpoint_url is None and _first_env(_ENV_ENDPOINT):
+            updates["endpoint_url"] = _first_env(_ENV_ENDPOINT)
+        if opts.region is None and _first_env(_ENV_REGION):
+            updates["region"] = _first_env(_ENV_REGION)
+        return opts.model_copy(update=updates) if updates else opts
+
+    def _storage_kwargs(self) -> dict[str, Any]:
+        o = self.options
+        if self.protocol == "file":
+            return {"auto_mkdir": True}
+        if self.protocol in ("s3", "s3a"):
+            kw: dict[str, Any] = {
+                "anon": o.anonymous,
+                "config_kwargs": {
+                    "retries": {"max_attempts": max(1, o.retries), "mode": "adaptive"},
+                    "connect_timeout": o.connect_timeout_s,
+                    "read_timeout": o.read_timeout_s,
+                },
+                # Listing caches would hide objects another process just wrote (CURRENT swaps).
+                "use_listings_cache": False,
+                "skip_instance_cache": True,
+            }
+            if o.endpoint_url:
+                kw["endpoint_url"] = o.endpoint_url
+            if o.region:
+                kw["client_kwargs"] = {"region_name": o.region}
+            if o.access_key_id is not None:
+                kw["key"] = o.access_key_id.get_secret_value()
+            if o.secret_access_key is not None:
+                kw["secret"] = o.secret_access_key.get_secret_value()
+            if o.session_token is not None:
+                kw["token"] = o.session_token.get_secret_value()
+            kw.update(o.extra)
+            return kw
+        return dict(o.extra)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs is None:
+            try:
+                self._fs = fsspec.filesystem(self.protocol, **self._storage_kwargs())
+            except ImportError as exc:
+                hint = {"gs": "pip install 'raybc[gcs]'", "gcs": "pip install 'raybc[gcs]'"}.get(
+                    self.protocol, f"install the fsspec implementation for {self.protocol}://"
+                )
+                raise StorageError(f"cannot open {self.uri()}: {exc}; {hint}") from None
+            except ValueError as exc:
+                raise StorageError(f"cannot open {self.uri()}: {exc}") from None
+        return self._fs
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None  # rebuilt from the options in the receiving process
+        return state
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Storage) and (self.protocol, self.root) == (other.protocol, other.root)
+
+    def __hash__(self) -> int:
+        return hash((self.protocol, self.root))
+
+    def child(self, *parts: str) -> Storage:
+        """A Storage rooted below this one, sharing its options."""
+        sub = Storage.__new__(Storage)
+        sub.protocol, sub.root, sub.options, sub._fs = self.protocol, self.path(*parts), self.options, self._fs
+        return sub
+
+    # ------------------------------------------------------------------ paths
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of ``parts`` below the root. Parts may hold '/'; each segment is checked."""
+        segs: list[str] = []
+        for part in parts:
+            for seg in str(part).split("/"):
+                if seg == "":
+                    continue
+                segs.append(check_segment(seg, what="path segment"))
+        return posixpath.join(self.root, *segs) if segs else self.root
+
+    def uri(self, *parts: str) -> str:
+        """A URI for messages and manifests; holds no credentials."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    def relative(self, full_path: str) -> str:
+        """``full_path`` (as returned by listing) relative to the root."""
+        full = full_path.split("://", 1)[-1].rstrip("/")
+        root = self.root.rstrip("/")
+        if full == root:
+            return ""
+        if not full.startswith(root + "/"):
+            raise StorageError(f"{full_path} is not below {self.uri()}")
+        return full[len(root) + 1 :]
+
+    # ------------------------------------------------------------------ errors
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, rel: str) -> Iterator[None]:
+        """Turn filesystem exceptions into messages naming the URI and the fix."""
+        try:
+            yield
+        except (AlreadyExistsError, StorageError):
+            raise
+        except FileNotFoundError:
+            raise
+        except PermissionError as exc:
+            raise StorageError(
+                f"permission denied to {action} {self.uri(rel)}: check the credentials and the bucket or "
+                f"folder permissions ({_short(exc)})"
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageError(f"no space left to {action} {self.uri(rel)}; free disk space") from None
+            raise StorageError(f"cannot {action} {self.uri(rel)}: {_short(exc)}") from exc
+
+    def _bucket_missing(self, rel: str) -> StorageError | None:
+        if self.protocol not in ("s3", "s3a", "gs", "gcs"):
+            return None
+        bucket = self.root.split("/", 1)[0]
+        try:
+            if not self.fs.exists(bucket):
+                return StorageError(
+                    f"bucket {bucket!r} of {self.uri(rel)} does not exist (or is not visible with these "
+                    "credentials); create it or fix the URI"
+                )
+        except Exception:  # noqa: BLE001 - the probe itself failing says nothing new
+            return None
+        return None
+
+    # ------------------------------------------------------------------ reads
+
+    def exists(self, rel: str = "") -> bool:
+        with self._errors("check", rel):
+            return bool(self.fs.exists(self.path(rel)))
+
+    def isdir(self, rel: str = "") -> bool:
+        with self._errors("check", rel):
+            return bool(self.fs.isdir(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self._errors("read", rel):
+            try:
+                return self.fs.cat_file(self.path(rel))
+            except FileNotFoundError:
+                missing = self._bucket_missing(rel)
+                if missing:
+                    raise missing from None
+                raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
+
+    def read_json(self, rel: str) -> Any:
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{self.uri(rel)} is not valid JSON ({exc}); the file is damaged") from None
+
+    def size(self, rel: str) -> int:
+        with self._errors("stat", rel):
+            return int(self.fs.size(self.path(rel)))
+
+    def list(self, rel: str = "", *, detail: bool = False) -> list[Any]:
+        """Entries directly below ``rel`` (names, or fsspec info dicts with ``detail``); [] if absent."""
+        with self._errors("list", rel):
+            base = self.path(rel)
+            try:
+                entries = self.fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return []
+            out = []
+            for e in entries:
+                name = e["name"].split("://", 1)[-1].rstrip("/")
+                if name == base.rstrip("/"):
+                    continue
+                e = dict(e, basename=posixpath.basename(name))
+                out.append(e if detail else e["basename"])
+            return sorted(out, key=lambda x: x["basename"] if detail else x)
+
+    def walk_files(self, rel: str = "") -> list[str]:
+        """Every file below ``rel``, as paths relative to the root, sorted."""
+        with self._errors("list", rel):
+            try:
+                found = self.fs.find(self.path(rel))
+            except FileNotFoundError:
+                return []
+            return sorted(self.relative(f) for f in found)
+
+    @contextlib.contextmanager
+    def open_input(self, rel: str) -> Iterator[Any]:
+        """A readable, seekable file (native pyarrow file locally)."""
+        with self._errors("read", rel):
+            if self.is_local:
+                try:
+                    f = pa.OSFile(self.path(rel), "rb")
+                except FileNotFoundError:
+                    raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
+            else:
+                f = self.fs.open(self.path(rel), "rb")
+        try:
+            yield f
+        finally:
+            f.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def makedirs(self, rel: str) -> None:
+        if self.is_local:
+            with self._errors("create folder", rel):
+                os.makedirs(self.path(rel), exist_ok=True)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` with ``data`` in one step: readers see old or new, never a mix."""
+        path = self.path(rel)
+        with self._errors("write", rel):
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = _tmp_name(path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                finally:
+                    _remove_quietly(tmp)
+            else:
+                try:
+                    self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+                except FileNotFoundError:
+                    raise self._bucket_missing(rel) or StorageError(f"cannot write {self.uri(rel)}") from None
+
+    def write_json_atomic(self, rel: str, obj: Any) -> None:
+        self.write_atomic(rel, json_bytes(obj))
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Write ``rel`` only if it does not exist; AlreadyExistsError otherwise. Atomic."""
+        path = self.path(rel)
+        with self._errors("create", rel):
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = _tmp_name(path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    try:
+                        os.link(tmp, path)  # fails if path exists; never replaces
+                    except FileExistsError:
+                        raise AlreadyExistsError(f"{self.uri(rel)} already exists") from None
+                finally:
+                    _remove_quietly(tmp)
+            else:
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    raise AlreadyExistsError(f"{self.uri(rel)} already exists") from None
+                except FileNotFoundError:
+                    raise self._bucket_missing(rel) or StorageError(f"cannot create {self.uri(rel)}") from None
+                except OSError as exc:
+                    # s3fs maps a 412 without its condition header to EINVAL; it still means "exists".
+                    if "PreconditionFailed" in str(exc) or "412" in str(exc) or "Precondition" in str(exc):
+                        raise AlreadyExistsError(f"{self.uri(rel)} already exists") from None
+                    raise
+
+    @contextlib.contextmanager
+    def open_output(self, rel: str) -> Iterator[Any]:
+        """Stream a new object; it appears under ``rel`` only if the block exits without error."""
+        path = self.path(rel)
+        with self._errors("write", rel):
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = _tmp_name(path)
+                f: Any = pa.OSFile(tmp, "wb")
+            else:
+                f = self.fs.open(path, "wb", autocommit=False)
+        ok = False
+        try:
+            yield f
+            ok = True
+        finally:
+            if self.is_local:
+                f.close()
+                if ok:
+                    with self._errors("write", rel):
+                        os.replace(tmp, path)
+                else:
+                    _remove_quietly(tmp)
+            else:
+                if ok:
+                    with self._errors("write", rel):
+                        f.close()
+                        f.commit()
+                else:
+                    with contextlib.suppress(Exception):
+                        f.discard()
+
+    def remove(self, rel: str, *, recursive: bool = False) -> None:
+        with self._errors("remove", rel):
+            path = self.path(rel)
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+    def copy_from(self, src: Storage, src_rel: str, rel: str, *, chunk_bytes: int = 8 << 20) -> int:
+        """Stream ``src_rel`` of another storage into ``rel`` here (atomically); returns bytes copied."""
+        n = 0
+        with src.open_input(src_rel) as fin, self.open_output(rel) as fout:
+            while True:
+                buf = fin.read(chunk_bytes)
+                if not buf:
+                    break
+                fout.write(buf)
+                n += len(buf)
+        return n
+
+    # ------------------------------------------------------------------ pyarrow
+
+    def arrow_filesystem(self) -> pafs.FileSystem:
+        """A pyarrow filesystem for the same storage (native locally, fsspec-backed otherwise)."""
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+
+def _tmp_name(path: str) -> str:
+    d, b = os.path.split(path)
+    return os.path.join(d, f".{b}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, trailing newline): same object, same bytes, same sha256."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

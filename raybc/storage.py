@@ -440,7 +440,8 @@ class Storage:
                         f.commit()
                 else:
                     with contextlib.suppress(Exception):
-                        f.discard()
+                        f.discard()  # aborts the multipart upload: nothing appears
+                    f.closed = True  # so closing (or garbage collection) uploads nothing
 
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         with self._errors("remove", rel):

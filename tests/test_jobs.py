@@ -1,0 +1,133 @@
+"""The entry points: shipped configs validate, jobs/ refuses import, the real command lines run --
+including ``ray job submit`` against a ``ray start --head`` cluster with token auth."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from raybc.config import BackfillJobConfig
+from raybc.options import load_options
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def test_jobs_package_refuses_import():
+    with pytest.raises(ImportError, match="entry points, not a library"):
+        import jobs  # noqa: F401
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("backfill*.yaml")), ids=lambda p: p.name)
+def test_shipped_backfill_configs_validate(path):
+    cfg = load_options(BackfillJobConfig, file=path)
+    assert cfg.root and cfg.backfill.rows_per_part > 0
+
+
+def run(cmd: list[str], *, env: dict | None = None, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_demo_command_builds_backfills_and_verifies(tmp_path):
+    root = tmp_path / "demo"
+    p = run([f"{VENV_BIN}/raybc", "demo", "--root", str(root), "--rows", "5000"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("-> ok") == 8  # 4 older versions x 2 entities
+    assert "raybc.read_snapshot(" in p.stdout and "pd.read_parquet" in p.stdout
+    assert (root / "snapshots" / "as-v0" / "users" / "CURRENT").exists()
+    # run again: reuses the registry and has nothing to do
+    again = run([f"{VENV_BIN}/raybc", "demo", "--root", str(root), "--rows", "5000"])
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_backfill_help_lists_the_flags():
+    p = run([sys.executable, "jobs/backfill.py", "--help"])
+    assert p.returncode == 0
+    for flag in ("--config", "--root", "--from-version", "--to-versions", "--entity"):
+        assert flag in p.stdout
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real `ray start --head` cluster with token auth, torn down by its own temp dir."""
+    temp_dir = f"/tmp/rbc-{uuid.uuid4().hex[:6]}"  # short: unix socket paths are limited
+    from conftest import free_port
+
+    gcs_port, dash_port = free_port(), free_port()
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "ray-head.log", "w")
+    proc = subprocess.Popen(
+        [f"{VENV_BIN}/ray", "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
+         f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = run([f"{VENV_BIN}/ray", "job", "list", "--address", address], env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, timeout=60)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("ray head did not come up: " + (tmp_path / "ray-head.log").read_text()[-2000:])
+    yield address, token
+    # Stop only this cluster: everything started with our temp dir (never `ray stop`, which would
+    # also kill the test session's own local cluster).
+    os.killpg(proc.pid, signal.SIGTERM)
+    subprocess.run(["pkill", "-TERM", "-f", temp_dir])
+    time.sleep(2)
+    subprocess.run(["pkill", "-KILL", "-f", temp_dir])
+    proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
+    from raybc.data.synthetic import build_registry
+    from raybc.registry import Registry
+    from raybc.snapshots import Snapshots, verify_snapshot
+    from raybc.storage import Storage
+
+    address, token = ray_head
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[8, 12, 16], rows=4_000, entities=["items"], rows_per_file=1_000)
+    base = [f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
+    submit = base + ["python", "jobs/backfill.py", "--root", root.uri(), "--to-versions", "0,1", "--no-progress"]
+
+    # without the token the job server refuses
+    refused = run(submit, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token"})
+    assert refused.returncode != 0
+    assert Snapshots(root).pointer(0, "items") is None
+
+    ok = run(submit, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    assert "snapshots committed" in ok.stdout and "succeeded" in (ok.stdout + ok.stderr)
+    for j in (0, 1):
+        assert verify_snapshot(Registry(root), j, "items").ok
+
+    # a failing job makes the CLI exit non-zero
+    bad = run(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"],
+              env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # fmt: skip
+    assert bad.returncode != 0
+    assert "from_version: v9 is not published" in bad.stdout + bad.stderr

@@ -77,7 +77,9 @@ def ray_head(tmp_path):
     log = open(tmp_path / "ray-head.log", "w")
     proc = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", "--num-cpus=2", "--disable-usage-stats",
-         f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"],
+         f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+         # the agent and client ports default to fixed numbers that the session's own Ray holds
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash_port}"
@@ -101,6 +103,16 @@ def ray_head(tmp_path):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit(cmd: list[str], token: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the new head's job agent is still starting."""
+    deadline = time.time() + 120
+    while True:
+        p = run(cmd, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        if "No available agent to submit job" not in p.stderr or time.time() > deadline:
+            return p
+        time.sleep(3)
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
@@ -113,21 +125,20 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
     root = Storage(str(tmp_path / "root"))
     build_registry(root, dims=[8, 12, 16], rows=4_000, entities=["items"], rows_per_file=1_000)
     base = [f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
-    submit = base + ["python", "jobs/backfill.py", "--root", root.uri(), "--to-versions", "0,1", "--no-progress"]
+    job = base + ["python", "jobs/backfill.py", "--root", root.uri(), "--to-versions", "0,1", "--no-progress"]
 
     # without the token the job server refuses
-    refused = run(submit, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token"})
-    assert refused.returncode != 0
+    refused = submit(job, "wrong-token")
+    assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
     assert Snapshots(root).pointer(0, "items") is None
 
-    ok = run(submit, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    ok = submit(job, token)
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     assert "snapshots committed" in ok.stdout and "succeeded" in (ok.stdout + ok.stderr)
     for j in (0, 1):
         assert verify_snapshot(Registry(root), j, "items").ok
 
     # a failing job makes the CLI exit non-zero
-    bad = run(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"],
-              env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})  # fmt: skip
+    bad = submit(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"], token)
     assert bad.returncode != 0
     assert "from_version: v9 is not published" in bad.stdout + bad.stderr

@@ -40,11 +40,11 @@ def test_build_interactions_maps_ids_sorts_by_time_and_builds_attributes():
     assert data.user.tolist() == [2, 0, 1, 1] and data.item.tolist() == [2, 0, 0, 1]
     assert data.rating.dtype == np.float32 and data.rating.tolist() == [1, 4, 3, 5]
     names = data.attribute_names
-    assert names == ("genre=Action", "genre=Drama", "genre=Unused", "year=1990s")
+    assert names == ("genre=Action", "genre=Drama", "year=1990s")  # item 99 has no edges: its attributes are left out
     assert [names[j] for j in data.item_attributes(0)] == ["genre=Drama", "year=1990s"]
     assert data.item_attributes(1).size == 0  # item 20 has no metadata
     assert [names[j] for j in data.item_attributes(2)] == ["genre=Action"]
-    assert (data.n_users, data.n_items, data.n_edges, data.n_attributes) == (3, 3, 4, 4)
+    assert (data.n_users, data.n_items, data.n_edges, data.n_attributes) == (3, 3, 4, 3)
 
 
 def test_validate_lists_every_problem(synth):

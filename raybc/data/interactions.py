@@ -135,7 +135,8 @@ def build_interactions(
 
     Internal indices follow the sorted order of the external ids (MovieLens user_id 1 -> 0).
     Edges are sorted by timestamp, stably. ``item_attributes`` maps an external item id to its
-    attribute strings; items absent from it (or from the edges) get none; the vocabulary is sorted.
+    attribute strings; items absent from it get none. The vocabulary is sorted and holds only
+    attributes of items that have edges (metadata of items nobody interacted with is ignored).
     """
     user_arr, item_arr = np.asarray(user), np.asarray(item)
     rating_arr = np.asarray(rating, dtype=np.float32)
@@ -151,12 +152,13 @@ def build_interactions(
     item_id_arr = _id_array(item_ids)
 
     attrs = item_attributes or {}
-    vocab = sorted({a for values in attrs.values() for a in values})
+    per_item = [attrs.get(ext, ()) for ext in item_id_arr.to_pylist()]
+    vocab = sorted({a for values in per_item for a in values})  # only attributes of items with edges
     code = {a: j for j, a in enumerate(vocab)}
     indptr = np.zeros(len(item_ids) + 1, dtype=np.int64)
     indices: list[int] = []
-    for i, ext in enumerate(item_id_arr.to_pylist()):
-        mine = sorted({code[a] for a in attrs.get(ext, ())})
+    for i, values in enumerate(per_item):
+        mine = sorted({code[a] for a in values})
         indices.extend(mine)
         indptr[i + 1] = len(indices)
     return InteractionData(

@@ -1,6 +1,7 @@
 """The ``raybc`` command line, and the flag parsing the thin ``jobs/*.py`` entry points share.
 
-Commands: ``demo``, ``backfill``, ``register``, ``versions``, ``snapshots``, ``discard``.
+Commands: ``demo``, ``backfill``, ``reconcile``, ``retention``, ``register``, ``versions``,
+``snapshots``, ``discard``.
 Options come from ``--config FILE`` (YAML), from flags, or both (flags win). Errors raised on
 purpose (:class:`~raybc.errors.RaybcError`) are printed as one clear message and exit non-zero,
 without a traceback. Credentials are never taken as flags (they would show in process lists and
@@ -18,8 +19,10 @@ from typing import Any
 
 from raybc.errors import ConfigError, RaybcError
 
-# Exit codes: 0 done (or nothing to do), 1 failed, 2 bad configuration or usage.
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+# Exit codes: 0 done (or nothing to do), 1 failed, 2 bad configuration or usage, 3 another run holds
+# the reconcile lease (a scheduler's overlapping run: nothing was touched; distinct from 1 so that
+# schedulers can count it as a skip, not a failure).
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -110,6 +113,127 @@ def run_backfill_job(cfg) -> int:
     if cfg.summary_json:
         with open(cfg.summary_json, "w") as f:
             json.dump(summary.to_json(), f, indent=2)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- reconcile and retention
+
+
+def reconcile_parser(prog: str = "raybc reconcile") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Backfill every snapshot that is missing or built from an older version, from the newest "
+        "version, under a lease (scheduled runs never overlap). Exit 0 done or nothing to do, 1 failed, "
+        "2 bad config, 3 another reconcile holds the lease. The last line is a one-line summary.",
+    )
+    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--root", help="root URI: local folder, file://, s3://bucket/prefix, gs://bucket/prefix")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only: no lease, no writes, no Ray")
+    p.add_argument("--entity", action="append", help="entity to reconcile; repeat or comma-separate (default: all)")
+    p.add_argument("--lease-ttl-s", type=float, help="expiry of the lease in seconds (renewed while running)")
+    p.add_argument("--retention", action="store_true", help="also remove old runs after the backfill (defaults: see --retention-s)")
+    p.add_argument("--retention-s", type=float, help="remove uncommitted/superseded runs older than this (implies --retention)")
+    p.add_argument("--grace-s", type=float, help="keep a superseded run this long after its swap (implies --retention)")
+    p.add_argument("--rows-per-part", type=int, help="rows per backfill task and output file")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--summary-json", help="also write the result as JSON to this local file")
+    _storage_flags(p)
+    return p
+
+
+def _retention_overrides(a: argparse.Namespace) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    if a.retention_s is not None:
+        out["retention_s"] = a.retention_s
+    if a.grace_s is not None:
+        out["grace_s"] = a.grace_s
+    return out if (out or getattr(a, "retention", True)) else None
+
+
+def reconcile_config(argv: Sequence[str], prog: str = "raybc reconcile"):
+    """Parse flags (and ``--config``) into a :class:`~raybc.config.ReconcileJobConfig`."""
+    from raybc.config import ReconcileJobConfig
+    from raybc.options import load_options
+
+    a = reconcile_parser(prog).parse_args(argv)
+    rc: dict[str, Any] = {}
+    if a.entity:
+        rc["entities"] = _entities(a.entity)
+    if a.lease_ttl_s is not None:
+        rc["lease_ttl_s"] = a.lease_ttl_s
+    if a.rows_per_part is not None:
+        rc["backfill"] = {"rows_per_part": a.rows_per_part}
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    if rc:
+        over["reconcile"] = rc
+    ret = _retention_overrides(a)
+    if ret is not None:
+        over["retention"] = ret
+    if a.dry_run:
+        over["dry_run"] = True
+    for flag in ("root", "ray_address", "summary_json"):
+        if getattr(a, flag) is not None:
+            over[flag] = getattr(a, flag)
+    return load_options(ReconcileJobConfig, file=a.config, overrides=over)
+
+
+def run_reconcile_job(cfg) -> int:
+    from raybc.reconcile import reconcile
+    from raybc.storage import Storage
+
+    result = reconcile(
+        Storage(cfg.root, cfg.storage), cfg.reconcile, dry_run=cfg.dry_run, retention=cfg.retention,
+        ray_address=cfg.ray_address,
+    )  # fmt: skip
+    for b in result.backfills:
+        print(b.table())
+    if cfg.summary_json:
+        with open(cfg.summary_json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+    print(result.one_line(), flush=True)
+    return EXIT_BUSY if result.status == "busy" else EXIT_OK
+
+
+def run_retention(argv: Sequence[str]) -> int:
+    from raybc.config import RetentionJobConfig
+    from raybc.lease import Lease, LeaseHeldError
+    from raybc.options import load_options
+    from raybc.reconcile import LEASE_NAME
+    from raybc.retention import apply_retention
+    from raybc.storage import Storage
+
+    p = argparse.ArgumentParser(
+        prog="raybc retention",
+        description="Remove uncommitted and superseded snapshot runs older than the retention, never the one "
+        "CURRENT names, never within the grace period after a swap. Runs under the reconcile lease (exit 3 if held).",
+    )
+    p.add_argument("--config", help="YAML file with a retention config")
+    p.add_argument("--root")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.add_argument("--retention-s", type=float, help="minimum age in seconds of a run to remove (default a week)")
+    p.add_argument("--grace-s", type=float, help="seconds a superseded run stays after its swap (default an hour)")
+    _storage_flags(p)
+    a = p.parse_args(argv)
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    ret = _retention_overrides(a)
+    if ret:
+        over["retention"] = ret
+    if a.root is not None:
+        over["root"] = a.root
+    if a.dry_run:
+        over["dry_run"] = True
+    cfg = load_options(RetentionJobConfig, file=a.config, overrides=over)
+    root = Storage(cfg.root, cfg.storage)
+    if cfg.dry_run:
+        apply_retention(root, cfg.retention, dry_run=True)
+        return EXIT_OK
+    try:
+        with Lease(root, LEASE_NAME, ttl_s=cfg.lease_ttl_s):
+            result = apply_retention(root, cfg.retention)
+    except LeaseHeldError as exc:
+        print(f"raybc retention: busy root={root.uri()} -- {exc}")
+        return EXIT_BUSY
+    print(f"raybc retention: done root={root.uri()} removed_runs={len(result.removed)}")
     return EXIT_OK
 
 
@@ -318,6 +442,8 @@ def guarded(fn: Callable[[], int]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (run_demo, "build a synthetic registry, backfill it on a local Ray, verify, show how to read"),
     "backfill": (lambda argv: run_backfill_job(backfill_config(argv)), "backfill snapshots of older versions"),
+    "reconcile": (lambda argv: run_reconcile_job(reconcile_config(argv)), "backfill every missing or stale snapshot (scheduled)"),
+    "retention": (run_retention, "remove old uncommitted and superseded snapshot runs"),
     "register": (run_register, "publish a version trained elsewhere (z_k Parquet + B_k matrix)"),
     "versions": (run_versions, "list published versions"),
     "snapshots": (run_snapshots, "list committed snapshots"),

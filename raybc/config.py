@@ -13,6 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from raybc.backfill import BackfillOptions
 from raybc.errors import StorageError
 from raybc.options import Options
+from raybc.reconcile import LEASE_TTL_S, ReconcileOptions
+from raybc.retention import RetentionOptions
 from raybc.storage import StorageOptions, check_segment, split_uri
 
 
@@ -86,3 +88,31 @@ class RegisterConfig(Options):
         for e in self.embeddings:
             check_segment(e, what="entity name")
         return self
+
+
+class ReconcileJobConfig(Options):
+    """``jobs/reconcile.py`` and ``raybc reconcile``: the scheduled catch-up backfill (+ retention)."""
+
+    root: str = Field(description="Root URI of the registry, embeddings and snapshots (local path, s3://, gs://).")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    reconcile: ReconcileOptions = Field(default_factory=ReconcileOptions)
+    retention: RetentionOptions | None = Field(
+        default=None, description="Also remove old runs after the backfill, under the same lease; unset: keep all."
+    )
+    dry_run: bool = Field(default=False, description="Print the plan only: no lease, no writes, no Ray.")
+    ray_address: str | None = Field(default=None, description="Ray cluster; default $RAY_ADDRESS or a new local Ray.")
+    summary_json: str | None = Field(default=None, description="Also write the result as JSON to this local path.")
+
+    _root = field_validator("root")(_check_uri)
+
+
+class RetentionJobConfig(Options):
+    """``raybc retention``: remove old uncommitted and superseded runs (under the reconcile lease)."""
+
+    root: str
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    retention: RetentionOptions = Field(default_factory=RetentionOptions)
+    dry_run: bool = False
+    lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0)
+
+    _root = field_validator("root")(_check_uri)

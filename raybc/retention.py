@@ -1,0 +1,244 @@
+"""Retention: remove uncommitted runs and superseded snapshots once nobody can still need them.
+
+A run folder ``snapshots/as-v<j>/<entity>/from-v<k>/<run>/`` is one of:
+
+- *current*: the run CURRENT names. Never removed.
+- *superseded*: committed (it has ``manifest.json``) but CURRENT names another run. A reader
+  that followed CURRENT before the swap may still be reading its files, so it is removed only
+  when it is older than ``retention_s`` AND it has been superseded for longer than ``grace_s``.
+- *uncommitted*: no ``manifest.json`` (a crashed or running backfill). Removed when its newest
+  file is older than ``retention_s`` (a running backfill keeps writing, so it stays young).
+
+"Superseded at" needs no history file: a superseded run was replaced at the latest when the
+present CURRENT was committed (CURRENT's ``committed_at``), because every swap since then would
+have produced a newer CURRENT. So "CURRENT committed more than ``grace_s`` ago" proves every other
+run of that snapshot was superseded more than ``grace_s`` ago. A committed run *newer* than
+CURRENT (manifest written, swap not yet done, or a commit under way) is kept.
+
+Decisions are a pure function (:func:`plan_retention`); :func:`apply_retention` scans a root,
+plans, and removes -- re-reading CURRENT just before each removal. It is not safe against a
+hand-started backfill that commits an old run id at that very moment; scheduled runs avoid that
+by running retention under the reconcile lease (``raybc reconcile --retention``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from raybc.options import Options
+from raybc.snapshots import MANIFEST, Snapshots, snapshot_dir
+from raybc.storage import Storage
+
+# A week: long enough for someone to notice a bad swap and point CURRENT back by hand.
+RETENTION_S = 7 * 86400.0
+# An hour: far above how long a reader holds a manifest between reading CURRENT and its files.
+GRACE_S = 3600.0
+
+_AS_DIR = re.compile(r"^as-v(\d+)$")
+_FROM_DIR = re.compile(r"^from-v(\d+)$")
+
+Kind = Literal["current", "superseded", "uncommitted"]
+
+
+class RetentionOptions(Options):
+    """How long old runs stay. Seconds; e.g. 604800 is a week."""
+
+    retention_s: float = Field(
+        default=RETENTION_S, ge=0, description="Minimum age of an uncommitted or superseded run before it is removed."
+    )
+    grace_s: float = Field(
+        default=GRACE_S, ge=0, description="How long after a CURRENT swap readers may still read the run it replaced."
+    )
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder below a snapshot, with the times retention decides by (seconds since the epoch)."""
+
+    target: int
+    entity: str
+    source: int
+    run_id: str
+    committed: bool  # has manifest.json
+    created_at: float  # the manifest's created_at when committed, else the newest file's time
+
+    @property
+    def path(self) -> str:
+        return f"{snapshot_dir(self.target, self.entity)}/from-v{self.source}/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class CurrentInfo:
+    """What CURRENT of one snapshot names, and when it was committed."""
+
+    source: int
+    run_id: str
+    committed_at: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    run: RunFolder
+    kind: Kind
+    remove: bool
+    reason: str
+
+
+def plan_retention(
+    runs: Sequence[RunFolder],
+    currents: Mapping[tuple[int, str], CurrentInfo | None],
+    *,
+    now: float,
+    options: RetentionOptions,
+) -> list[Decision]:
+    """Decide, for each run folder, whether to remove it, and why (see the module doc)."""
+    out = []
+    for r in runs:
+        cur = currents.get((r.target, r.entity))
+        age = now - r.created_at
+        if cur is not None and (cur.source, cur.run_id) == (r.source, r.run_id):
+            out.append(Decision(r, "current", False, "CURRENT names it"))
+        elif not r.committed:
+            if age > options.retention_s:
+                out.append(Decision(r, "uncommitted", True, f"uncommitted, untouched for {age:.0f} s"))
+            else:
+                out.append(Decision(r, "uncommitted", False, f"uncommitted, touched {age:.0f} s ago (may be running)"))
+        elif cur is None:
+            out.append(Decision(r, "superseded", False, "committed but no CURRENT: a commit may be under way"))
+        elif r.created_at >= cur.committed_at:
+            out.append(Decision(r, "superseded", False, "committed after the present CURRENT: a swap may be under way"))
+        elif now - cur.committed_at <= options.grace_s:
+            out.append(
+                Decision(r, "superseded", False, f"superseded {now - cur.committed_at:.0f} s ago, within the grace period")
+            )
+        elif age <= options.retention_s:
+            out.append(Decision(r, "superseded", False, f"superseded, but only {age:.0f} s old"))
+        else:
+            out.append(Decision(r, "superseded", True, f"superseded over {now - cur.committed_at:.0f} s ago, {age:.0f} s old"))
+    return out
+
+
+# --------------------------------------------------------------------------- scanning and removing
+
+
+def parse_utc(text: str) -> float | None:
+    """Seconds since the epoch of a raybc UTC timestamp (``2024-01-02T03:04:05.678901Z``)."""
+    try:
+        return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.timezone.utc).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, _dt.datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def scan_runs(root: Storage) -> tuple[list[RunFolder], dict[tuple[int, str], CurrentInfo | None]]:
+    """Every run folder below ``<root>/snapshots`` and every CURRENT."""
+    snaps = Snapshots(root)
+    runs: list[RunFolder] = []
+    currents: dict[tuple[int, str], CurrentInfo | None] = {}
+    for as_name in root.list("snapshots"):
+        m = _AS_DIR.match(as_name)
+        if not m:
+            continue
+        target = int(m.group(1))
+        for entity in root.list(f"snapshots/{as_name}"):
+            p = snaps.pointer(target, entity)
+            currents[(target, entity)] = (
+                None if p is None else CurrentInfo(p.source_version, p.run_id, parse_utc(p.committed_at) or 0.0)
+            )
+            for from_name in root.list(snapshot_dir(target, entity)):
+                fm = _FROM_DIR.match(from_name)
+                if not fm:
+                    continue
+                for run_id in root.list(f"{snapshot_dir(target, entity)}/{from_name}"):
+                    runs.append(_describe_run(root, target, entity, int(fm.group(1)), run_id))
+    return runs, currents
+
+
+def _describe_run(root: Storage, target: int, entity: str, source: int, run_id: str) -> RunFolder:
+    rel = f"{snapshot_dir(target, entity)}/from-v{source}/{run_id}"
+    files = root.fs.find(root.path(rel), detail=True)
+    names = {p.rsplit("/", 1)[-1]: info for p, info in files.items()}
+    if MANIFEST in names:
+        created = parse_utc(str(root.read_json(f"{rel}/{MANIFEST}").get("created_at", "")))
+        if created is None:
+            created = _mtime(names[MANIFEST]) or 0.0
+        return RunFolder(target, entity, source, run_id, True, created)
+    times = [t for info in names.values() if (t := _mtime(info)) is not None]
+    # An empty folder (possible locally) has no file times: its own time stands in.
+    if not times:
+        info = root.fs.info(root.path(rel))
+        times = [_mtime(info) or 0.0]
+    return RunFolder(target, entity, source, run_id, False, max(times))
+
+
+@dataclass
+class RetentionResult:
+    root: str
+    decisions: list[Decision]
+    removed: list[str] = field(default_factory=list)  # run folders removed (paths below the root)
+    dry_run: bool = False
+
+    def table(self) -> str:
+        lines = [f"retention of {self.root}: {len(self.removed)} run(s) removed" + (" (dry run: would remove)" if self.dry_run else "")]
+        for d in self.decisions:
+            mark = "remove" if d.remove else "keep  "
+            lines.append(f"  {mark} {d.run.path}  ({d.reason})")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "dry_run": self.dry_run,
+            "removed": self.removed,
+            "decisions": [{"run": d.run.path, "kind": d.kind, "remove": d.remove, "reason": d.reason} for d in self.decisions],
+        }
+
+
+def apply_retention(
+    root: Storage | str,
+    options: RetentionOptions | None = None,
+    *,
+    dry_run: bool = False,
+    now: float | None = None,
+    echo: Callable[[str], None] = print,
+) -> RetentionResult:
+    """Scan, plan and remove (unless ``dry_run``). ``now`` is injectable for tests and audits."""
+    options = options or RetentionOptions()
+    storage = root if isinstance(root, Storage) else Storage(root)
+    now = time.time() if now is None else now
+    runs, currents = scan_runs(storage)
+    decisions = plan_retention(runs, currents, now=now, options=options)
+    result = RetentionResult(storage.uri(), decisions, dry_run=dry_run)
+    snaps = Snapshots(storage)
+    for d in decisions:
+        if not d.remove:
+            continue
+        if not dry_run:
+            # CURRENT may have moved since the scan: never remove what it names now.
+            p = snaps.pointer(d.run.target, d.run.entity)
+            if p is not None and (p.source_version, p.run_id) == (d.run.source, d.run.run_id):
+                continue
+            storage.remove(d.run.path, recursive=True)
+        result.removed.append(d.run.path)
+    echo(result.table())
+    return result

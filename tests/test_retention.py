@@ -1,0 +1,119 @@
+"""Retention: the pure rules (never CURRENT, grace after a swap, age of uncommitted runs), and a real
+root over a local folder and S3 where superseded and crashed runs go and readers keep working."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raybc.backfill import BackfillOptions
+from raybc.data.synthetic import build_registry
+from raybc.embeddings import make_table, write_table
+from raybc.reconcile import ReconcileOptions, reconcile
+from raybc.retention import CurrentInfo, RetentionOptions, RunFolder, apply_retention, plan_retention
+from raybc.registry import FileEntry
+from raybc.snapshots import Snapshots, snapshot_dir, verify_snapshot
+from raybc.storage import Storage, json_bytes
+
+T0 = 1_700_000_000.0
+DAY = 86_400.0
+OPTS = RetentionOptions(retention_s=7 * DAY, grace_s=3600)
+
+
+def run(run_id: str, *, committed: bool = True, created: float = T0, source: int = 2) -> RunFolder:
+    return RunFolder(0, "items", source, run_id, committed, created)
+
+
+def decide(runs, current, now):
+    return {d.run.run_id: (d.remove, d.reason) for d in plan_retention(runs, {(0, "items"): current}, now=now, options=OPTS)}
+
+
+def test_current_is_never_removed_however_old():
+    cur = CurrentInfo(2, "run-cur", committed_at=T0)
+    out = decide([run("run-cur", created=T0 - 400 * DAY)], cur, now=T0 + 400 * DAY)
+    assert out["run-cur"] == (False, "CURRENT names it")
+
+
+def test_superseded_run_waits_for_both_the_grace_period_and_its_age():
+    old = run("run-old", created=T0 - 30 * DAY, source=1)
+    cur = CurrentInfo(2, "run-new", committed_at=T0)
+    assert decide([old], cur, now=T0 + 60)["run-old"][0] is False  # swapped a minute ago: readers may hold it
+    assert "within the grace period" in decide([old], cur, now=T0 + 60)["run-old"][1]
+    assert decide([old], cur, now=T0 + 3601)["run-old"][0] is True
+    young = run("run-young", created=T0 - DAY)  # superseded long ago, but younger than the retention
+    assert decide([young], cur, now=T0 + 2 * DAY)["run-young"] == (False, f"superseded, but only {3 * DAY:.0f} s old")
+    assert decide([young], cur, now=T0 + 7 * DAY)["run-young"][0] is True
+
+
+def test_committed_run_newer_than_current_or_without_current_is_kept():
+    cur = CurrentInfo(2, "run-cur", committed_at=T0)
+    pending = run("run-pending", created=T0 + 5)  # manifest written, CURRENT not swapped yet
+    assert decide([pending], cur, now=T0 + 30 * DAY)["run-pending"][0] is False
+    assert decide([run("run-x", created=T0 - 30 * DAY)], None, now=T0 + 30 * DAY)["run-x"][0] is False
+
+
+def test_uncommitted_run_goes_once_untouched_longer_than_the_retention():
+    crashed = run("run-crashed", committed=False, created=T0)
+    cur = CurrentInfo(2, "run-cur", committed_at=T0)
+    assert decide([crashed], cur, now=T0 + DAY)["run-crashed"][0] is False  # may still be running
+    assert decide([crashed], cur, now=T0 + 8 * DAY)["run-crashed"][0] is True
+    # and without any CURRENT too: a crashed first backfill leaves only this
+    assert decide([crashed], None, now=T0 + 8 * DAY)["run-crashed"][0] is True
+
+
+@pytest.mark.cluster
+def test_retention_on_a_real_root_removes_superseded_and_crashed_runs_only(storage_root, ray_session):
+    from test_reconcile import publish_next
+
+    opts = ReconcileOptions(backfill=BackfillOptions(rows_per_part=1_000, progress=False))
+    reg = build_registry(storage_root, dims=[8, 12, 16], rows=1_500, entities=["items"], rows_per_file=1_000, seed=8)
+    reconcile(storage_root, opts, echo=lambda _: None)
+    snaps = Snapshots(storage_root)
+    superseded = {j: snaps.pointer(j, "items").run_id for j in (0, 1)}
+    publish_next(reg, dim=20, rows=1_500, entities=["items"], seed=9)
+    reconcile(storage_root, opts, echo=lambda _: None)
+    current = {j: snaps.pointer(j, "items") for j in (0, 1, 2)}
+    # a crashed backfill's leftovers: a part file and no manifest
+    crashed = "snapshots/as-v0/items/from-v3/run-crashed0000000"
+    storage_root.write_atomic(f"{crashed}/part-00000-00000.parquet", b"partial")
+    old_dirs = [f"snapshots/as-v{j}/items/from-v2/{superseded[j]}" for j in (0, 1)]
+    assert all(storage_root.walk_files(d) for d in old_dirs)
+
+    now = time.time()
+    fresh = apply_retention(storage_root, OPTS, now=now, echo=lambda _: None)
+    assert fresh.removed == [], "everything is younger than the retention and inside the grace period"
+
+    later = now + 8 * DAY
+    dry = apply_retention(storage_root, OPTS, now=later, dry_run=True, echo=lambda _: None)
+    assert sorted(dry.removed) == sorted([*old_dirs, crashed]) and all(storage_root.walk_files(d) for d in old_dirs)
+
+    done = apply_retention(storage_root, OPTS, now=later, echo=lambda _: None)
+    assert sorted(done.removed) == sorted([*old_dirs, crashed])
+    assert not any(storage_root.walk_files(d) for d in [*old_dirs, crashed])
+    for j in (0, 1, 2):
+        p = snaps.pointer(j, "items")
+        assert p == current[j]
+        assert verify_snapshot(reg, j, "items").ok
+        assert snaps.read_table(j, "items").num_rows == 1_500
+    assert apply_retention(storage_root, OPTS, now=later, echo=lambda _: None).removed == []
+
+
+def test_grace_period_protects_a_just_superseded_run_on_a_real_root(tmp_path):
+    """Retention 0 s: uncommitted leftovers go at once, the run CURRENT just replaced stays."""
+    root = Storage(str(tmp_path / "root"))
+    snaps = Snapshots(root)
+    for run_id in ("run-a", "run-b"):  # two commits of as-v0/items from v1: run-b supersedes run-a
+        rel = f"{snapshot_dir(0, 'items')}/from-v1/{run_id}/part-0.parquet"
+        with root.open_output(rel) as f:
+            write_table(f, make_table(np.arange(4), np.ones((4, 3), np.float32)))
+        snaps.commit(target=0, entity="items", source=1, run_id=run_id, dim=3, parts=[FileEntry("part-0.parquet", 4, 0)])
+        time.sleep(0.01)
+    root.write_atomic(f"{snapshot_dir(0, 'items')}/from-v1/run-c/part-0.parquet", json_bytes({"partial": True}))
+    res = apply_retention(root, RetentionOptions(retention_s=0, grace_s=3600), now=time.time() + 1, echo=lambda _: None)
+    assert res.removed == [f"{snapshot_dir(0, 'items')}/from-v1/run-c"]
+    kept = {d.run.run_id: d.reason for d in res.decisions if not d.remove}
+    assert kept["run-b"] == "CURRENT names it" and "within the grace period" in kept["run-a"]
+    assert isinstance(snaps.read_table(0, "items"), pa.Table)

@@ -117,3 +117,32 @@ def test_grace_period_protects_a_just_superseded_run_on_a_real_root(tmp_path):
     kept = {d.run.run_id: d.reason for d in res.decisions if not d.remove}
     assert kept["run-b"] == "CURRENT names it" and "within the grace period" in kept["run-a"]
     assert isinstance(snaps.read_table(0, "items"), pa.Table)
+
+
+def test_retention_command_dry_run_and_busy_exit_code(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from raybc.lease import Lease
+    from raybc.reconcile import LEASE_NAME
+
+    root = Storage(str(tmp_path / "root"))
+    leftover = f"{snapshot_dir(0, 'items')}/from-v1/run-crashed/part-0.parquet"
+    root.write_atomic(leftover, b"partial")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "raybc.cli", "retention", "--root", root.uri(), "--retention-s", "0", *args],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    dry = cli("--dry-run")
+    assert dry.returncode == 0 and "remove snapshots/as-v0/items/from-v1/run-crashed" in dry.stdout
+    assert root.exists(leftover)
+    with Lease(root, LEASE_NAME, ttl_s=600, owner="nightly-run", heartbeat=False):
+        busy = cli()
+    assert busy.returncode == 3 and "held by nightly-run" in busy.stdout and root.exists(leftover)
+    done = cli()
+    assert done.returncode == 0 and "removed_runs=1" in done.stdout and not root.exists(leftover)

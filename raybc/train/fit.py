@@ -1,0 +1,290 @@
+"""Fit one version of one method with Ray Train, then publish it and write z_k.
+
+``fit_version`` is the only training path: ``jobs/train_version.py``, the experiment and the tests
+all call it. It runs a TorchTrainer (``num_workers=0`` runs the same loop in-process), selects the
+epoch by validation Recall@50, derives B_k as the method says (learned jointly, learned post hoc
+with M_k frozen, or the fixed map the method implies), measures the alignment error to every
+earlier version on the current graph, writes z_k for users and items under their own ids, and
+publishes the version (model weights + spec, B_k, hyper-parameters, metrics) in the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from raybc.data.interactions import InteractionData
+from raybc.data.slicing import VersionSlice
+from raybc.embeddings import make_table
+from raybc.errors import ConfigError, RegistryError
+from raybc.evaluate import alignment_error
+from raybc.models import build_model
+from raybc.options import Options
+from raybc.registry import ModelWeights, Registry, Version
+from raybc.storage import Storage
+from raybc.train.loop import Joint, build_graph, embed, evaluate_state, load_checkpoint, train_loop
+from raybc.train.losses import multi_step_alignment, single_step_alignment
+from raybc.train.methods import METHODS, Method, get_method
+from raybc.transforms import Affine, truncation
+
+# Rows per embedding file written for a version: keeps files near 64-256 MB at paper dimensions.
+_ROWS_PER_FILE = 1_000_000
+
+
+class TrainOptions(Options):
+    """How to fit a version. CPU defaults are scaled down from the paper's 256..512 dimensions."""
+
+    method: str = Field(description="One of: " + ", ".join(METHODS))
+    model: Literal["gnn", "mf"] = "gnn"
+    dims: list[int] = Field(default=[32, 40, 48, 56, 64], description="Embedding dimension per version (grows).")
+    layers: int = Field(default=2, ge=1, le=8)
+    epochs: int = Field(default=200, ge=1, le=100_000)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    batch_size: int = Field(default=4096, ge=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    alignment_weight: float = Field(default=16.0, ge=0, description="lambda of the paper")
+    eval_every: int = Field(default=5, ge=1)
+    selection_start: int = Field(default=50, ge=0, description="Joint methods select epochs only from here on.")
+    seed: int = 0
+    num_workers: int = Field(default=0, ge=0, le=1024, description="Ray Train workers; 0 runs in-process.")
+    use_gpu: bool = False
+    threads_per_worker: int = Field(default=1, ge=1, le=256)
+    checkpoint_every: int = Field(default=10, ge=1)
+    max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures survived by resuming.")
+    posthoc_steps: int = Field(default=500, ge=1)
+    posthoc_lr: float = Field(default=0.01, gt=0)
+    fail_at_epoch: int | None = Field(default=None, description="Tests only: the last worker dies once there.")
+    fail_marker: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        get_method(v)
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError("dimensions must be positive, one per version")
+        return v
+
+    def fingerprint(self) -> str:
+        skip = {"num_workers", "use_gpu", "threads_per_worker", "checkpoint_every", "max_failures", "fail_at_epoch", "fail_marker"}
+        blob = json.dumps({k: v for k, v in self.model_dump().items() if k not in skip}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def version_dim(method: Method, options: TrainOptions, version: int) -> int:
+    if method.fixed_dim:
+        return options.dims[0]
+    if version >= len(options.dims):
+        raise ConfigError([f"dims: version {version} has no dimension; give one per version ({len(options.dims)} given)"])
+    return options.dims[version]
+
+
+def _payload(data: InteractionData, sl: VersionSlice, *, method: Method, model_spec: dict, registry: Registry, version: int) -> dict[str, Any]:
+    prev = None
+    if version > 0:
+        pw = registry.model(version - 1)
+        prev = {"spec": pw.spec, "weights": {k: np.asarray(v) for k, v in pw.tensors.items()}, "dim": registry.get(version - 1).dim}
+    frozen = []
+    if method.alignment == "multi" and version > 1:
+        for v in range(version - 1, 0, -1):
+            b = registry.aligner(v)
+            if not b.is_affine:
+                raise RegistryError(f"multi-step alignment needs linear B's; B_{v} is {b.kind}")
+            frozen.append(np.asarray(b.weight, dtype=np.float32))  # type: ignore[attr-defined]
+    init = None
+    if method.model == "finetune_m0" and version > 0:
+        init = {k: np.asarray(v) for k, v in registry.model(version - 1).tensors.items()}
+    return {
+        "method": method.name,
+        "graph": {
+            "n_users": data.n_users, "n_items": data.n_items, "train_user": sl.train_user, "train_item": sl.train_item,
+            "item_attr_indptr": data.item_attr_indptr, "item_attr_indices": data.item_attr_indices,
+        },
+        "val": {"val_user": sl.val_user, "val_item": sl.val_item},
+        "candidate_items": sl.items,
+        "graph_users": sl.users,
+        "model_spec": model_spec,
+        "init_weights": init,
+        "prev": prev,
+        "frozen_aligners": frozen,
+    }  # fmt: skip
+
+
+def fit_posthoc_aligner(zk: torch.Tensor, zp: torch.Tensor, frozen: list[torch.Tensor], *, multi: bool, steps: int, lr: float, seed: int) -> nn.Linear:
+    """B_k alone, M_k frozen: full-batch Adam on the single- or multi-step loss over every node."""
+    torch.manual_seed(seed)
+    b = nn.Linear(zk.shape[1], zp.shape[1], bias=False)
+    opt = torch.optim.Adam(b.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = multi_step_alignment(b, frozen, [zk], [zp]) if multi else single_step_alignment(b, [zk], [zp])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return b
+
+
+def _run_trainer(payload: dict, options: TrainOptions, *, registry: Registry, run_name: str) -> tuple[dict, dict | None, dict]:
+    """TorchTrainer.fit; returns (final state, best state, meta) read from the last checkpoint."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    opts = options.model_dump()
+    config: dict[str, Any] = {"options": opts, "payload": payload}
+    if options.num_workers > 0:
+        config["payload"] = ray.put(payload)  # one copy in the object store, not one per worker config
+    scaling = ray.train.ScalingConfig(
+        num_workers=options.num_workers,
+        use_gpu=options.use_gpu,
+        resources_per_worker={"CPU": options.threads_per_worker} if options.num_workers > 0 else None,
+    )
+    root = registry.root
+    run = ray.train.RunConfig(
+        name=run_name,
+        storage_path=root.path("train-runs"),
+        storage_filesystem=root.arrow_filesystem(),
+        failure_config=ray.train.FailureConfig(max_failures=options.max_failures),
+    )
+    result = TorchTrainer(train_loop, train_loop_config=config, scaling_config=scaling, run_config=run).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        current, best, _, meta = load_checkpoint(d)
+    if options.num_workers == 0 and result.checkpoint.path.startswith("/tmp/raybc-ckpt-"):
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)  # local mode keeps the worker's temp dir
+    return current, best, meta
+
+
+def fit_version(
+    root: Storage | str,
+    data: InteractionData,
+    slices: list[VersionSlice],
+    *,
+    version: int,
+    options: TrainOptions,
+    echo: Callable[[str], None] = print,
+) -> Version:
+    """Fit ``version`` with ``options.method``, publish it with B_k and metrics, write z_k."""
+    registry = Registry(root)
+    method = get_method(options.method)
+    latest = registry.latest()
+    expected = 0 if latest is None else latest + 1
+    if version != expected:
+        raise RegistryError(
+            f"cannot fit v{version}: the registry's next version is v{expected}"
+            + (f" (v{latest} is published)" if latest is not None else "")
+        )
+    if version >= len(slices):
+        raise ConfigError([f"version: the data set has {len(slices)} versions (0..{len(slices) - 1}), not v{version}"])
+    if version > 0 and registry.get(version - 1).method != method.name:
+        raise ConfigError([f"method: v{version - 1} was trained with {registry.get(version - 1).method!r}; a root holds one method"])
+    t0 = time.perf_counter()
+    sl = slices[version]
+    dim = version_dim(method, options, version)
+    spec = (
+        {"arch": "gnn", "n_attributes": max(1, data.n_attributes), "dim": dim, "layers": options.layers}
+        if options.model == "gnn"
+        else {"arch": "mf", "n_users": data.n_users, "n_items": data.n_items, "dim": dim}
+    )
+    payload = _payload(data, sl, method=method, model_spec=spec, registry=registry, version=version)
+    graph = build_graph(payload)
+
+    best_epoch, history = -1, []
+    if method.model == "reuse_m0" and version > 0:
+        echo(f"[raybc] {method.name} v{version}: reusing M_0 on the new graph (no training)")
+        weights = {k: torch.as_tensor(v) for k, v in registry.model(0).tensors.items()}
+        spec = registry.model(0).spec
+        aligner_state = None
+    else:
+        run_name = f"v{version}-{method.name}-{options.fingerprint()}"
+        echo(f"[raybc] {method.name} v{version}: fitting dim {dim} with {options.num_workers or 'in-process'} worker(s), run {run_name}")
+        current, best, meta = _run_trainer(payload, options, registry=registry, run_name=run_name)
+        state = best if best is not None else current  # keys "model.*" and "aligner.*" either way
+        best_epoch, history = int(meta.get("best_epoch", -1)), list(meta.get("history", []))
+        weights = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        aligner_state = {k[len("aligner.") :]: v for k, v in state.items() if k.startswith("aligner.")} or None
+
+    model = build_model(spec)
+    model.load_state_dict(weights)
+    u, i = embed(model, graph)
+
+    # B_k, as the method says
+    aligner_t = None
+    z_prev = None
+    if version > 0:
+        prev_dim = registry.get(version - 1).dim
+        z_prev = embed(_load(registry, version - 1), graph)
+        if method.backward == "identity":
+            aligner_t = Affine(np.eye(prev_dim, dim, dtype=np.float32))
+        elif method.backward == "truncate":
+            aligner_t = truncation(dim, prev_dim)
+        elif method.joint:
+            assert aligner_state is not None, "a jointly learned B_k must be in the checkpoint"
+            aligner_t = Affine(aligner_state["weight"].numpy().astype(np.float32))
+        else:
+            zk = torch.cat([u[sl.users], i[sl.items]])
+            zp = torch.cat([z_prev[0][sl.users], z_prev[1][sl.items]])
+            frozen = [torch.as_tensor(w) for w in payload["frozen_aligners"]]
+            b = fit_posthoc_aligner(zk, zp, frozen, multi=method.alignment == "multi", steps=options.posthoc_steps, lr=options.posthoc_lr, seed=options.seed)
+            aligner_t = Affine(b.weight.detach().numpy().astype(np.float32))
+
+    # metrics: Recall@K of the selected state and the alignment error to every earlier version
+    metrics: dict[str, Any] = evaluate_state(Joint(model, None), graph, payload, None, [])
+    zk_nodes = torch.cat([u[sl.users], i[sl.items]]).double().numpy()
+    mapped = zk_nodes
+    for j in range(version - 1, -1, -1):
+        mapped = (aligner_t if j == version - 1 else registry.aligner(j + 1)).apply(mapped)
+        uj, ij = embed(_load(registry, j), graph)
+        zj = torch.cat([uj[sl.users], ij[sl.items]])
+        metrics[f"align_err_v{j}"] = alignment_error(torch.from_numpy(mapped), zj)
+        if j == 0 and zk_nodes.shape[1] >= zj.shape[1]:
+            # what consumers of v0 would get with no transform at all: z_k truncated to d_0
+            metrics["truncation_err_v0"] = alignment_error(torch.from_numpy(zk_nodes[:, : zj.shape[1]]), zj)
+    recalls = [h["recall@50"] for h in history if "recall@50" in h]
+    metrics.update(
+        best_epoch=best_epoch,
+        recall50_last5_mean=float(np.mean(recalls[-5:])) if recalls else metrics.get("recall@50"),
+        fit_seconds=time.perf_counter() - t0,
+        train_edges=int(len(sl.train_user)),
+        val_edges=int(len(sl.val_user)),
+        graph_users=int(len(sl.users)),
+        graph_items=int(len(sl.items)),
+    )
+
+    listing = {}
+    for entity, emb, nodes, ids in (("users", u, sl.users, data.user_ids), ("items", i, sl.items, data.item_ids)):
+        z = emb[nodes].numpy().astype(np.float32)
+        ext = ids.take(nodes)
+        tables = (make_table(ext.slice(s, _ROWS_PER_FILE), z[s : s + _ROWS_PER_FILE]) for s in range(0, len(nodes), _ROWS_PER_FILE))
+        listing[entity] = registry.write_embeddings(version, entity, tables)
+    hyper = {**options.model_dump(exclude={"fail_at_epoch", "fail_marker"}), "data_set": data.name, "history": history}
+    v = registry.publish(
+        version, dim=dim, method=method.name, aligner=aligner_t, embeddings=listing,
+        model=ModelWeights({k: t.detach().cpu().numpy() for k, t in model.state_dict().items()}, spec),
+        hyperparameters=hyper, metrics=metrics,
+    )  # fmt: skip
+    echo(
+        f"[raybc] published v{version} ({method.name}, dim {dim}): recall@50 {metrics.get('recall@50', float('nan')):.4f}"
+        + (f", align err to v0 {metrics['align_err_v0']:.4f}" if "align_err_v0" in metrics else "")
+        + f", {metrics['fit_seconds']:.1f} s"
+    )
+    return v
+
+
+def _load(registry: Registry, k: int) -> nn.Module:
+    m = build_model(registry.model(k).spec)
+    m.load_state_dict({key: torch.as_tensor(v) for key, v in registry.model(k).tensors.items()})
+    return m

@@ -187,7 +187,9 @@ def train_loop(config: dict[str, Any]) -> None:
     items = np.asarray(payload["candidate_items"], dtype=np.int64)
     alignment_weight = float(opts["alignment_weight"])
     epochs, eval_every = int(opts["epochs"]), int(opts["eval_every"])
-    select_from = int(opts["selection_start"]) if method.joint and method.alignment != "none" else 0
+    # joint methods trade recall against alignment while it converges: select only after the warm-up
+    aligning = z_prev is not None and method.joint and method.alignment != "none"
+    select_from = int(opts["selection_start"]) if aligning else 0
     ckpt_every = int(opts["checkpoint_every"])
 
     for epoch in range(start_epoch, epochs):

@@ -421,6 +421,83 @@ def run_discard(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- train
+
+
+def train_parser(prog: str = "raybc train") -> argparse.ArgumentParser:
+    from raybc.data import DATASET_HELP
+    from raybc.train.methods import METHODS
+
+    methods = "\n".join(f"  {m.name:<18} {m.description}" for m in METHODS.values())
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Fit one version of an embedding model (and its backward transform) with Ray Train, "
+        "publish it in the registry and write z_k for users and items.",
+        epilog=f"methods:\n{methods}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--root", help="root URI of the registry")
+    p.add_argument("--dataset", help=DATASET_HELP)
+    p.add_argument("--method", help="one of the methods below")
+    p.add_argument("--version", type=int, help="version to fit (default: the registry's next one)")
+    p.add_argument("--dims", help="dimension per version, comma-separated (default 32,40,48,56,64)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (0: in-process)")
+    p.add_argument("--use-gpu", action="store_true", help="train on GPU workers")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    _storage_flags(p)
+    return p
+
+
+def train_config(argv: Sequence[str], prog: str = "raybc train"):
+    from raybc.config import TrainJobConfig
+    from raybc.options import load_options
+
+    a = train_parser(prog).parse_args(argv)
+    train: dict[str, Any] = {}
+    if a.method is not None:
+        train["method"] = a.method
+    if a.dims is not None:
+        train["dims"] = _int_list("--dims", a.dims)
+    for flag in ("epochs", "num_workers", "seed"):
+        if getattr(a, flag) is not None:
+            train[flag] = getattr(a, flag)
+    if a.use_gpu:
+        train["use_gpu"] = True
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    if train:
+        over["train"] = train
+    for flag in ("root", "dataset", "version", "ray_address"):
+        if getattr(a, flag) is not None:
+            over[flag] = getattr(a, flag)
+    return load_options(TrainJobConfig, file=a.config, overrides=over)
+
+
+def run_train_job(cfg) -> int:
+    from raybc.data import load_dataset
+    from raybc.data.slicing import temporal_versions
+    from raybc.registry import Registry
+    from raybc.runtime import ensure_ray
+    from raybc.storage import Storage
+    from raybc.train.fit import fit_version
+
+    root = Storage(cfg.root, cfg.storage)
+    latest = Registry(root).latest()
+    version = cfg.version if cfg.version is not None else (0 if latest is None else latest + 1)
+    data = load_dataset(cfg.dataset, seed=cfg.train.seed)
+    slices = temporal_versions(data)
+    ensure_ray(cfg.ray_address, num_cpus=None if cfg.ray_address else max(4, os.cpu_count() or 1))
+    v = fit_version(root, data, slices, version=version, options=cfg.train)
+    shown = {k: v.metrics[k] for k in ("recall@10", "recall@20", "recall@50", "recall@100", "best_epoch", "fit_seconds") if k in v.metrics}
+    shown.update({k: x for k, x in v.metrics.items() if k.startswith("align_err_v")})
+    print(f"v{v.version} ({v.method}, dim {v.dim}) published in {root.uri('registry')}")
+    for k, x in shown.items():
+        print(f"  {k:<14} {x:.4f}" if isinstance(x, float) else f"  {k:<14} {x}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -442,6 +519,7 @@ def guarded(fn: Callable[[], int]) -> int:
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (run_demo, "build a synthetic registry, backfill it on a local Ray, verify, show how to read"),
     "backfill": (lambda argv: run_backfill_job(backfill_config(argv)), "backfill snapshots of older versions"),
+    "train": (lambda argv: run_train_job(train_config(argv)), "fit one version of a method with Ray Train and publish it"),
     "reconcile": (lambda argv: run_reconcile_job(reconcile_config(argv)), "backfill every missing or stale snapshot (scheduled)"),
     "retention": (run_retention, "remove old uncommitted and superseded snapshot runs"),
     "register": (run_register, "publish a version trained elsewhere (z_k Parquet + B_k matrix)"),

@@ -16,6 +16,7 @@ from raybc.options import Options
 from raybc.reconcile import LEASE_TTL_S, ReconcileOptions
 from raybc.retention import RetentionOptions
 from raybc.storage import StorageOptions, check_segment, split_uri
+from raybc.train.fit import TrainOptions
 
 
 def _check_uri(v: str) -> str:
@@ -114,5 +115,18 @@ class RetentionJobConfig(Options):
     retention: RetentionOptions = Field(default_factory=RetentionOptions)
     dry_run: bool = False
     lease_ttl_s: float = Field(default=LEASE_TTL_S, gt=0)
+
+    _root = field_validator("root")(_check_uri)
+
+
+class TrainJobConfig(Options):
+    """``jobs/train_version.py`` and ``raybc train``: fit one version of one method and publish it."""
+
+    root: str
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    dataset: str = Field(default="movielens-100k", description="movielens-100k | amazon:REVIEWS[,META] | synthetic[:U,I,E]")
+    version: int | None = Field(default=None, ge=0, description="Version to fit; default the registry's next one.")
+    train: TrainOptions
+    ray_address: str | None = None
 
     _root = field_validator("root")(_check_uri)

@@ -1,0 +1,219 @@
+"""Training: losses, checkpoints, every method through fit_version (in-process Ray Train), the
+registries they leave backfilled, and two Ray Train workers against one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from raybc.data.interactions import synthetic_interactions
+from raybc.data.slicing import temporal_versions
+from raybc.errors import ConfigError, RegistryError
+from raybc.registry import Registry
+from raybc.storage import Storage
+from raybc.train.fit import TrainOptions, fit_version
+from raybc.train.loop import Joint, load_checkpoint, save_checkpoint
+from raybc.train.losses import bpr_loss, multi_step_alignment, prefix_alignment, single_step_alignment
+from raybc.train.methods import METHODS
+
+DIMS = [8, 10, 12, 14, 16]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_bpr_prefers_positive_scores():
+    u = torch.tensor([[1.0, 0.0]])
+    good = bpr_loss(u, torch.tensor([[2.0, 0.0]]), torch.tensor([[-2.0, 0.0]]), weight_decay=0.0)
+    bad = bpr_loss(u, torch.tensor([[-2.0, 0.0]]), torch.tensor([[2.0, 0.0]]), weight_decay=0.0)
+    assert good < 0.05 < 3.0 < bad
+    reg = bpr_loss(u, torch.tensor([[2.0, 0.0]]), torch.tensor([[-2.0, 0.0]]), weight_decay=1.0)
+    assert reg - good == pytest.approx((1 + 4 + 4) / 2)
+
+
+def test_alignment_losses():
+    b = nn.Linear(4, 3, bias=False)
+    zk = [torch.randn(5, 4) for _ in range(3)]
+    zp = [b(z).detach() for z in zk]
+    assert float(single_step_alignment(b, zk, zp)) == pytest.approx(0.0, abs=1e-12)
+    # with no frozen B's the multi-step loss is the single-step loss
+    assert float(multi_step_alignment(b, [], zk, [p + 1 for p in zp])) == pytest.approx(
+        float(single_step_alignment(b, zk, [p + 1 for p in zp]))
+    )
+    # a frozen projection that kills the error makes later stages zero: the mean halves
+    frozen = [torch.zeros(2, 3)]
+    assert float(multi_step_alignment(b, frozen, zk, [p + 1 for p in zp])) == pytest.approx(
+        float(single_step_alignment(b, zk, [p + 1 for p in zp])) / 2
+    )
+    assert float(prefix_alignment([torch.ones(2, 4)], [torch.ones(2, 3)])) == 0.0
+
+
+def test_checkpoint_round_trip_is_safetensors_and_json(tmp_path):
+    from raybc.models import PinSageGNN
+
+    joint = Joint(PinSageGNN(n_attributes=4, dim=6, layers=2), nn.Linear(6, 5, bias=False))
+    opt = torch.optim.Adam(joint.parameters(), lr=0.01)
+    joint(_graph()).__getitem__(0).sum().backward()
+    opt.step()
+    best = {k: v.clone() * 0 for k, v in joint.state_dict().items()}
+    save_checkpoint(str(tmp_path), joint=joint, best=best, optim=opt, meta={"epoch": 7, "history": [{"recall@50": 0.5}]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "state.safetensors"]
+    current, best2, osd, meta = load_checkpoint(str(tmp_path))
+    assert meta["epoch"] == 7 and meta["history"][0]["recall@50"] == 0.5
+    for k, v in joint.state_dict().items():
+        torch.testing.assert_close(current[k], v)
+        assert float(best2[k].abs().sum()) == 0.0
+    opt2 = torch.optim.Adam(joint.parameters(), lr=0.01)
+    opt2.load_state_dict(osd)
+    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def _graph():
+    from raybc.models import BipartiteGraph
+
+    return BipartiteGraph.build(
+        n_users=4, n_items=3, edge_user=np.array([0, 1, 2, 3]), edge_item=np.array([0, 1, 2, 0]),
+        item_attr_indptr=np.array([0, 1, 2, 3]), item_attr_indices=np.array([0, 1, 2]),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- every method
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = synthetic_interactions(n_users=200, n_items=120, n_edges=4000, n_attributes=16, seed=3)
+    return d, temporal_versions(d)
+
+
+def quick(method: str, **kw) -> TrainOptions:
+    base = {"dims": DIMS, "epochs": 30, "eval_every": 5, "selection_start": 10, "batch_size": 512, "posthoc_steps": 200}
+    return TrainOptions(method=method, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """Every method fitted for v0..v2 (in-process Ray Train), one root each."""
+    d, slices = data
+    roots = {}
+    for name in METHODS:
+        root = Storage(str(tmp_path_factory.mktemp(name) / "root"))
+        for k in range(3):
+            fit_version(root, d, slices, version=k, options=quick(name), echo=lambda s: None)
+        roots[name] = root
+    return roots
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_publishes_versions_with_metrics_and_weights(trained, method):
+    reg = Registry(trained[method])
+    assert reg.versions() == [0, 1, 2]
+    m = METHODS[method]
+    for k in range(3):
+        v = reg.get(k)
+        assert v.method == method
+        assert v.dim == (DIMS[0] if m.fixed_dim else DIMS[k])
+        for key in ("recall@10", "recall@20", "recall@50", "recall@100", "fit_seconds"):
+            assert key in v.metrics
+        assert all(f"align_err_v{j}" in v.metrics for j in range(k))
+        assert set(v.embeddings) == {"users", "items"}
+        reg.model(k)  # checksum-verified weights load
+        if k:
+            b = reg.aligner(k)
+            assert (b.in_dim, b.out_dim) == (v.dim, reg.get(k - 1).dim)
+    # embeddings are stored under the data set's own ids, never internal indices
+    from raybc.snapshots import Snapshots  # noqa: F401
+    import pyarrow.parquet as pq
+
+    f = reg.get(2).embeddings["users"].files[0]
+    ids = pq.read_table(reg.embeddings_storage(2, "users").path(f.path)).column("id").to_numpy()
+    assert ids.min() >= 1  # synthetic external ids are index + 1
+
+
+def test_fixed_maps_are_what_the_methods_imply(trained):
+    fix = Registry(trained["fix-m0"])
+    np.testing.assert_allclose(fix.aligner(2).weight, np.eye(DIMS[0]))
+    assert fix.get(2).metrics["align_err_v0"] == pytest.approx(0.0, abs=1e-9)
+    nobc = Registry(trained["no-bc"])
+    np.testing.assert_allclose(nobc.aligner(2).weight, np.eye(DIMS[1], DIMS[2]))
+
+
+def test_alignment_methods_are_far_more_compatible_than_no_bc(trained):
+    nobc = Registry(trained["no-bc"]).get(2).metrics["align_err_v0"]
+    for name in ("bc-aligner", "joint-lin-sloss", "posthoc-lin-sloss", "posthoc-lin-mloss"):
+        err = Registry(trained[name]).get(2).metrics["align_err_v0"]
+        assert err < 0.5 * nobc, (name, err, nobc)
+
+
+@pytest.mark.cluster
+def test_every_method_leaves_a_registry_the_backfill_transforms(trained, ray_session):
+    from raybc.backfill import BackfillOptions, backfill
+    from raybc.snapshots import verify_snapshot
+
+    for name, root in trained.items():
+        s = backfill(root, BackfillOptions(progress=False))
+        assert sorted(s.committed) == sorted(f"as-v{j}/{e}" for j in (0, 1) for e in ("users", "items")), name
+        for j in (0, 1):
+            v = verify_snapshot(Registry(root), j, "items")
+            assert v.ok, (name, j, v)
+
+
+def test_fit_refuses_out_of_order_versions_and_mixed_methods(data, tmp_path):
+    d, slices = data
+    root = Storage(str(tmp_path / "r"))
+    with pytest.raises(RegistryError, match="cannot fit v1: the registry's next version is v0"):
+        fit_version(root, d, slices, version=1, options=quick("no-bc"), echo=lambda s: None)
+    fit_version(root, d, slices, version=0, options=quick("no-bc", epochs=5), echo=lambda s: None)
+    with pytest.raises(ConfigError, match="v0 was trained with 'no-bc'"):
+        fit_version(root, d, slices, version=1, options=quick("bc-aligner", epochs=5), echo=lambda s: None)
+
+
+def test_train_options_refuse_unknown_methods_and_fields():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown method 'bc-aligner2'; choose one of: fix-m0"):
+        TrainOptions(method="bc-aligner2")
+    with pytest.raises(ValidationError, match="extra"):
+        TrainOptions(method="no-bc", epoch=3)
+
+
+def test_train_job_help_lists_every_method():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "jobs/train_version.py", "--help"], capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert p.returncode == 0
+    for name in METHODS:
+        assert name in p.stdout
+
+
+def test_shipped_train_configs_validate():
+    from pathlib import Path
+
+    from raybc.config import TrainJobConfig
+    from raybc.options import load_options
+
+    paths = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("train*.yaml"))
+    assert paths
+    for p in paths:
+        assert load_options(TrainJobConfig, file=p).train.method in METHODS
+
+
+# --------------------------------------------------------------------------- Ray Train workers
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_two_ray_train_workers_reach_the_quality_of_one(data, tmp_path, ray_session):
+    d, slices = data
+    results = {}
+    for workers in (0, 2):
+        root = Storage(str(tmp_path / f"w{workers}"))
+        v = fit_version(root, d, slices, version=0, options=quick("no-bc", epochs=40, num_workers=workers, seed=1), echo=lambda s: None)
+        results[workers] = v.metrics["recall@50"]
+    one, two = results[0], results[2]
+    # same data, same global batch: the DDP fit must learn as well, up to sampling noise
+    assert two > 0.2 and one > 0.2, results
+    assert abs(two - one) < 0.1, results

@@ -1,0 +1,217 @@
+"""Benchmark: the Ray backfill against a bare single-process pyarrow+numpy loop, on the same files.
+
+    python jobs/bench_backfill.py --rows 2000000 --dim 256 --workdir /tmp/raybc-bench --json docs/bench.json
+
+Builds (or reuses) a synthetic root with versions v0..v10: v10 has ``--dim`` dimensions, every
+older version ``--out-dim``, linear B's. Then, in one process and one run, measures:
+
+- baseline: read -> fused matmul (v10 -> v9) -> write, file by file, one process;
+- throughput: the Ray backfill v10 -> v9 (ratio to the baseline, target >= 1.6x);
+- distance: v10 -> v0 against v10 -> v9 (fusion makes distance free, target <= 1.1x);
+- fan-out: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x);
+- memory: peak RSS of the whole job (driver + Ray workers) at ``--rows`` and 10x ``--rows``
+  (``--memory``; target growth < 1.2x);
+and prints a table (rows/s, GB/s, peak RSS, ratios), also written as JSON with ``--json``.
+Runs the same way against S3 (``--workdir s3://bucket/prefix`` plus the usual AWS variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybc.backfill import BackfillOptions, backfill
+from raybc.data.synthetic import embedding_tables
+from raybc.embeddings import EMBEDDING, ID, make_batch, table_schema
+from raybc.registry import Registry
+from raybc.storage import Storage
+from raybc.transforms import Affine
+
+# Versions of the bench root: v10 is the source, v0..v9 the targets (distance 1 to 10).
+SOURCE = 10
+
+
+def build_root(root: Storage, *, rows: int, dim: int, out_dim: int, files: int, seed: int = 0) -> Registry:
+    """v0..v10 with linear B's; z_10 of one entity 'items' in ``files`` files. Reused when present."""
+    reg = Registry(root)
+    if reg.versions() == list(range(SOURCE + 1)) and reg.get(SOURCE).embeddings["items"].rows == rows:
+        return reg
+    if root.exists("registry") or root.exists("embeddings"):
+        raise SystemExit(f"{root.uri()} holds another bench root; remove it or choose another --workdir")
+    rng = np.random.default_rng(seed)
+    for k in range(SOURCE + 1):
+        d = dim if k == SOURCE else out_dim
+        b = None
+        if k:
+            d_in = d
+            # orthogonal-ish maps keep values at unit scale however many are composed
+            q, _ = np.linalg.qr(rng.standard_normal((max(d_in, out_dim), max(d_in, out_dim))))
+            b = Affine(q[:out_dim, :d_in].astype(np.float32))
+        listing = {}
+        if k == SOURCE:
+            per_file = -(-rows // files)
+            listing["items"] = reg.write_embeddings(k, "items", embedding_tables(rows, dim, rows_per_file=per_file, seed=seed))
+        reg.publish(k, dim=d, method="bench", aligner=b, embeddings=listing)
+    return reg
+
+
+def baseline_loop(reg: Registry, out: str, *, target: int) -> float:
+    """Bare single-process read -> matmul -> write over the same files; returns seconds."""
+    w = reg.plan(SOURCE, [target])
+    src = reg.embeddings_storage(SOURCE, "items")
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    for f in reg.get(SOURCE).embeddings["items"].files:
+        with src.open_input(f.path) as fin:
+            pf = pq.ParquetFile(fin)
+            writer = None
+            for batch in pf.iter_batches(batch_size=65_536, columns=[ID, EMBEDDING], use_threads=False):
+                col = batch.column(1)
+                z = col.values.to_numpy().reshape(len(col), -1)
+                y = w.apply(z)[target]
+                rb = make_batch(batch.column(0), y)
+                if writer is None:
+                    writer = pq.ParquetWriter(os.path.join(out, f.path), table_schema(y.shape[1]), compression="none")
+                writer.write_batch(rb)
+            writer.close()
+    return time.perf_counter() - t0
+
+
+class RssSampler:
+    """Peak summed RSS of this process and every Ray process of the session (from /proc)."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+
+    @staticmethod
+    def _rss_of(pid: str) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _job_pids(self) -> list[str]:
+        me, pids = str(os.getpid()), []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if pid == me or b"ray::" in cmd or b"raylet" in cmd or b"gcs_server" in cmd or b"default_worker" in cmd:
+                pids.append(pid)
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(self._rss_of(p) for p in self._job_pids()))
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def ray_backfill(root: Storage, targets: list[int], **opts) -> tuple[float, int]:
+    """Seconds and peak RSS of one Ray backfill from scratch (snapshots removed first)."""
+    root.remove("snapshots", recursive=True)
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        s = backfill(root, BackfillOptions(from_version=SOURCE, to_versions=targets, progress=False, **opts), echo=lambda _: None)
+        dt = time.perf_counter() - t0
+    assert s.committed, "the backfill committed nothing"
+    return dt, rss.peak
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="jobs/bench_backfill.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=2_000_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--out-dim", type=int, default=192)
+    p.add_argument("--files", type=int, default=16)
+    p.add_argument("--workdir", default="/tmp/raybc-bench")
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray (ignored with --ray-address)")
+    p.add_argument("--ray-address")
+    p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best is kept")
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS at 10x the rows")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+
+    import ray
+
+    ray.init(address=a.ray_address or "local", **({} if a.ray_address else {"num_cpus": a.cpus, "include_dashboard": False}))
+    root = Storage(os.path.join(a.workdir, f"root-{a.rows}x{a.dim}"))
+    t = time.perf_counter()
+    reg = build_root(root, rows=a.rows, dim=a.dim, out_dim=a.out_dim, files=a.files)
+    print(f"[bench] input ready in {time.perf_counter() - t:.1f} s: {a.rows:,} rows x {a.dim} in {a.files} files at {root.uri()}")
+    in_bytes = a.rows * a.dim * 4
+
+    def best(fn, n=a.repeats):
+        runs = [fn() for _ in range(n)]
+        return min(runs, key=lambda r: r[0] if isinstance(r, tuple) else r)
+
+    base_dir = os.path.join(a.workdir, "baseline-out")
+    ray_backfill(root, [SOURCE - 1])  # warm Ray workers and the page cache once
+    results = {}
+    shutil.rmtree(base_dir, ignore_errors=True)
+    results["baseline v10->v9 (1 process)"] = (best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1)), 0)
+    results["ray v10->v9"] = best(lambda: ray_backfill(root, [SOURCE - 1]))
+    results["ray v10->v0"] = best(lambda: ray_backfill(root, [0]))
+    results["ray v10->v9,v8,v7,v6"] = best(lambda: ray_backfill(root, [9, 8, 7, 6]))
+    if a.memory:
+        big = Storage(os.path.join(a.workdir, f"root-{a.rows * 10}x{a.dim}"))
+        build_root(big, rows=a.rows * 10, dim=a.dim, out_dim=a.out_dim, files=a.files * 10)
+        results[f"ray v10->v9 at 10x rows ({a.rows * 10:,})"] = ray_backfill(big, [SOURCE - 1])
+
+    base = results["baseline v10->v9 (1 process)"][0]
+    one = results["ray v10->v9"]
+    rows_out = []
+    for name, (sec, rss) in results.items():
+        n = a.rows * (10 if "10x" in name else 1)
+        rows_out.append({"case": name, "seconds": sec, "rows_per_s": n / sec, "input_gb_per_s": n * a.dim * 4 / sec / 1e9, "peak_rss_gb": rss / 1e9})
+    ratios = {
+        "throughput: ray / baseline rows/s (target >= 1.6)": base / one[0],
+        "distance: v10->v0 / v10->v9 time (target <= 1.1)": results["ray v10->v0"][0] / one[0],
+        "fan-out: 4 targets / 1 target time (target <= 1.6)": results["ray v10->v9,v8,v7,v6"][0] / one[0],
+    }
+    if a.memory:
+        big_rss = results[f"ray v10->v9 at 10x rows ({a.rows * 10:,})"][1]
+        ratios["memory: peak RSS at 10x rows / at 1x (target < 1.2)"] = big_rss / one[1]
+    print(f"\n{'case':<40} {'seconds':>9} {'rows/s':>12} {'GB/s in':>8} {'peak RSS GB':>12}")
+    for r in rows_out:
+        print(f"{r['case']:<40} {r['seconds']:>9.2f} {r['rows_per_s']:>12,.0f} {r['input_gb_per_s']:>8.3f} {r['peak_rss_gb']:>12.2f}")
+    print()
+    for k, v in ratios.items():
+        print(f"{k:<58} {v:6.2f}")
+    if a.json:
+        info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
+                "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv}  # fmt: skip
+        with open(a.json, "w") as f:
+            json.dump({"setup": info, "cases": rows_out, "ratios": ratios}, f, indent=2)
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from raybc.train.loop import Joint, build_graph, embed, evaluate_state, load_che
 from raybc.train.losses import multi_step_alignment, single_step_alignment
 from raybc.train.methods import METHODS, Method, get_method
 from raybc.transforms import Affine, truncation
+
+if TYPE_CHECKING:
+    from raybc.gate import PublishGate
 
 # Rows per embedding file written for a version: keeps files near 64-256 MB at paper dimensions.
 _ROWS_PER_FILE = 1_000_000
@@ -176,8 +179,13 @@ def fit_version(
     version: int,
     options: TrainOptions,
     echo: Callable[[str], None] = print,
+    gate: PublishGate | None = None,
 ) -> Version:
-    """Fit ``version`` with ``options.method``, publish it with B_k and metrics, write z_k."""
+    """Fit ``version`` with ``options.method``, publish it with B_k and metrics, write z_k.
+
+    With ``gate``, the consumers registered with the root score the candidate first; a refusal
+    (:class:`~raybc.gate.GateRefused`) leaves the registry and the embeddings untouched.
+    """
     registry = Registry(root)
     method = get_method(options.method)
     latest = registry.latest()
@@ -264,6 +272,9 @@ def fit_version(
         graph_items=int(len(sl.items)),
     )
 
+    if gate is not None:  # registered consumers must accept v<k> before anything of it is written
+        candidate = {"users": make_table(data.user_ids.take(sl.users), u[sl.users].numpy()), "items": make_table(data.item_ids.take(sl.items), i[sl.items].numpy())}
+        gate.check(version, aligner=aligner_t, embeddings=candidate, echo=echo)
     listing = {}
     for entity, emb, nodes, ids in (("users", u, sl.users, data.user_ids), ("items", i, sl.items, data.item_ids)):
         z = emb[nodes].numpy().astype(np.float32)

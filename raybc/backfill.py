@@ -56,8 +56,8 @@ from raybc.errors import InputDataError, IntegrityError, RaybcError
 from raybc.options import Options
 from raybc.registry import FileEntry, Registry, version_dir
 from raybc.runtime import ensure_ray
-from raybc.snapshots import Snapshots, run_dir
-from raybc.storage import IO_THREADS, Storage, check_segment
+from raybc.snapshots import Snapshots, crash_point, run_dir
+from raybc.storage import IO_THREADS, Storage, check_segment, is_transient, retry_transient
 from raybc.transforms import FanOutPlan
 
 log = logging.getLogger(__name__)
@@ -293,14 +293,26 @@ def _stamp(info: dict[str, Any]) -> str:
     return ""
 
 
+def _read_footer(store: Storage, name: str) -> pq.FileMetaData:
+    """A Parquet footer; a transient storage fault while reading it is retried (bounded)."""
+    o = store.options
+
+    def read() -> pq.FileMetaData:
+        with store.open_input(name) as f:
+            return pq.ParquetFile(f).metadata
+
+    return retry_transient(read, what=f"read the footer of {store.uri(name)}", attempts=o.operation_attempts, base_s=o.backoff_s)
+
+
 def _read_input_file(store: Storage, name: str, info: dict[str, Any], dim: int) -> InputFile:
     uri = store.uri(name)
     try:
-        with store.open_input(name) as f:
-            md = pq.ParquetFile(f).metadata
+        md = _read_footer(store, name)
     except FileNotFoundError:
         raise IntegrityError(f"{uri} is listed in the version's manifest but missing; restore it") from None
     except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, RaybcError) or is_transient(exc):
+            raise
         raise InputDataError(f"{uri} is not a readable Parquet file ({exc}); rewrite it from the embedding job") from None
     layout = inspect_schema(md.schema.to_arrow_schema(), source=uri, expected_dim=dim)
     id_col = md.schema.names.index(ID) if ID in md.schema.names else None
@@ -413,7 +425,20 @@ def plan_entity(
 
 
 def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
-    """Read one part, validate each batch, write one file per target. Runs inside a Ray task."""
+    """Read one part, validate each batch, write one file per target. Runs inside a Ray task.
+
+    A transient storage fault (throttling, 5xx, timeout, reset) anywhere in the part runs the whole
+    part again, at most ``storage.operation_attempts`` times with backoff: a part is idempotent
+    (deterministic file names; outputs appear atomically, an aborted one leaves nothing). Bad input
+    and permanent storage errors fail at once."""
+    o = ctx.root.options
+    return retry_transient(
+        lambda: _process_part_once(ctx, part), what=f"backfill part {ctx.entity}/{part.name} of {ctx.run_id}",
+        attempts=o.operation_attempts, base_s=o.backoff_s,
+    )  # fmt: skip
+
+
+def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
     t0 = time.perf_counter()
     src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
@@ -422,6 +447,8 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
         try:
             pf = pq.ParquetFile(fin)
         except (pa.ArrowInvalid, OSError) as exc:
+            if isinstance(exc, RaybcError) or is_transient(exc):
+                raise
             raise InputDataError(f"{uri} is not a readable Parquet file ({exc})") from None
         layout: ColumnLayout = inspect_schema(pf.schema_arrow, source=uri, expected_dim=ctx.dim)
         with contextlib.ExitStack() as stack:
@@ -450,7 +477,7 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
                     ids_seen.append(ids)
                     row += len(batch)
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-                if isinstance(exc, RaybcError):
+                if isinstance(exc, RaybcError) or is_transient(exc):
                     raise
                 raise InputDataError(f"{uri}: cannot read rows from {row} on ({exc}); the file is damaged") from None
             if row - part.first_row != part.rows:
@@ -598,16 +625,18 @@ def backfill(
         missing = [p.name for p in todo if (p.entity, p.name) not in done]
         if missing:
             raise IntegrityError(f"the write finished without parts {missing[:5]}; run the backfill again")
+        crash_point("before_commit")
         snaps = Snapshots(registry.root)
-        for j in active:
-            for t in j.pending:
-                snaps.commit(
-                    target=t, entity=j.entity, source=source, run_id=j.run_id, dim=j.plan.out_dims[t],
-                    parts=[FileEntry(p.name, p.rows, 0) for p in j.parts],
-                    extra={"transform": {"steps": list(range(source, t, -1))}, "compression": options.compression},
-                )  # fmt: skip
-                summary.committed.append(f"as-v{t}/{j.entity}")
-                summary.rows_written += j.rows
+        for n, (j, t) in enumerate((j, t) for j in active for t in j.pending):
+            if n:
+                crash_point("between_commits")
+            snaps.commit(
+                target=t, entity=j.entity, source=source, run_id=j.run_id, dim=j.plan.out_dims[t],
+                parts=[FileEntry(p.name, p.rows, 0) for p in j.parts],
+                extra={"transform": {"steps": list(range(source, t, -1))}, "compression": options.compression},
+            )  # fmt: skip
+            summary.committed.append(f"as-v{t}/{j.entity}")
+            summary.rows_written += j.rows
 
     if todo:
         ctxs = {
@@ -617,6 +646,7 @@ def backfill(
         keys = {f"{p.entity}/{p.name}": p for p in todo}
         sink = BackfillSink(ctxs, keys, commit)
         ensure_ray(ray_address)
+        crash_point("before_write")
         ray.data.DataContext.get_current().enable_progress_bars = options.progress
         ds = ray.data.from_items([{"part": k} for k in keys], override_num_blocks=len(keys))
         try:

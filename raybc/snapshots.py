@@ -15,7 +15,9 @@ commit; superseded runs stay readable until retention removes them.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybc.embeddings import EMBEDDING, ID
-from raybc.errors import IntegrityError, SnapshotError
+from raybc.errors import IntegrityError, SnapshotError, StorageError
 from raybc.registry import FileEntry, Registry, utc_now
-from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment
+from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, is_transient, retry_transient
 
 if TYPE_CHECKING:
     import ray.data
@@ -40,7 +42,18 @@ POINTER_FORMAT = "raybc.current/1"
 _MANIFEST_REF = re.compile(r"^from-v(\d+)/([A-Za-z0-9_][A-Za-z0-9_.=+-]*)/manifest\.json$")
 _AS_DIR = re.compile(r"^as-v(\d+)$")
 
+# TEST-ONLY fault injection. With RAYBC_TEST_CRASH_AT=<point> in its environment the driver
+# SIGKILLs itself at that point of a backfill, so tests can check what a crash leaves behind and
+# that a rerun completes it. Points: before_write (planned, nothing written), before_commit (every
+# part file written, no manifest), between_commits (some targets' CURRENT swapped, not all),
+# before_current (a run's manifest written, its CURRENT not). Unset, the default, it does nothing.
+CRASH_ENV = "RAYBC_TEST_CRASH_AT"
 
+
+def crash_point(point: str) -> None:
+    """Kill this process at ``point`` when the test-only RAYBC_TEST_CRASH_AT names it; else nothing."""
+    if os.environ.get(CRASH_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 def snapshot_dir(target: int, entity: str) -> str:
     return f"snapshots/as-v{int(target)}/{check_segment(entity, what='entity name')}"
@@ -89,13 +102,19 @@ class Snapshot:
 
 def check_part_file(root: Storage, rel: str, *, rows: int, dim: int) -> int:
     """Check a written part from its footer: row count and dimension. Returns its size in bytes."""
-    try:
+    def footer() -> pq.FileMetaData:
         with root.open_input(rel) as f:
-            md = pq.ParquetFile(f).metadata
-            schema = md.schema.to_arrow_schema()
+            return pq.ParquetFile(f).metadata
+
+    o = root.options
+    try:
+        md = retry_transient(footer, what=f"check {root.uri(rel)}", attempts=o.operation_attempts, base_s=o.backoff_s)
+        schema = md.schema.to_arrow_schema()
     except FileNotFoundError:
         raise SnapshotError(f"{root.uri(rel)} is missing; the run is incomplete, run the backfill again") from None
     except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, StorageError) or is_transient(exc):
+            raise
         raise SnapshotError(f"{root.uri(rel)} is not a readable Parquet file ({exc}); run the backfill again") from None
     emb = schema.field(EMBEDDING).type if EMBEDDING in schema.names else None
     if md.num_rows != rows:
@@ -242,6 +261,7 @@ class Snapshots:
             **(extra or {}),
         }
         self.root.write_json_atomic(f"{run}/{MANIFEST}", manifest)
+        crash_point("before_current")
         pointer = Pointer(
             manifest=f"from-v{int(source)}/{run_id}/{MANIFEST}",
             source_version=int(source),

@@ -15,29 +15,43 @@ Three kinds of write, because the contract needs exactly these:
   finishes without error (temporary file + rename locally, multipart upload completed on close on
   S3). A crash leaves at worst a hidden temporary, never a truncated file under the final name.
 
+Transient faults (503 SlowDown, 500, timeouts, reset connections) are retried, each layer bounded:
+botocore retries every HTTP request up to ``StorageOptions.retries`` attempts; s3fs's own retry
+loop is set to one attempt so the layers do not multiply unseen; and a Storage operation whose
+error outlived the client's retries is run again up to ``StorageOptions.operation_attempts`` times
+with exponential backoff, each retry logged (what, attempt n/N, wait). Permanent errors (403
+AccessDenied, missing bucket or file, bad data) are never retried. See :func:`is_transient`.
+
 This module is not the storage *layout* (see ``registry`` and ``snapshots``), and it never logs or
 prints credentials: they live in ``SecretStr`` fields and the repr shows only the URI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import Field, SecretStr, field_validator
 
-from raybc.errors import AlreadyExistsError, StorageError
+from raybc.errors import AlreadyExistsError, RaybcError, StorageError
 from raybc.options import Options
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Environment variables read when the options leave credentials unset. They are resolved once, in
 # the process that builds the Storage, and travel inside it to Ray workers: a worker's environment
@@ -57,6 +71,14 @@ _LOCAL_PROTOCOLS = {"file", "local"}
 # stores, so overlapping them is what makes planning over thousands of files quick.
 IO_THREADS = 16
 
+# Longest wait between two attempts of an operation. With the default 0.5 s first wait and 3
+# attempts the waits are 0.5 s and 1 s; the cap only matters for large operation_attempts, where
+# waiting longer than this rarely outlasts a throttling episode better than failing and rerunning.
+MAX_BACKOFF_S = 20.0
+# s3fs retries some errors itself (5 attempts by default) on top of botocore's: one attempt here
+# keeps the bound readable: retries (botocore, per request) x operation_attempts (raybc).
+_S3FS_ATTEMPTS = 1
+
 
 class StorageOptions(Options):
     """How to reach the storage behind a root URI. Everything is optional for local folders.
@@ -73,7 +95,14 @@ class StorageOptions(Options):
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
     anonymous: bool = Field(default=False, description="Unsigned requests (public buckets).")
-    retries: int = Field(default=5, ge=0, le=20, description="Attempts for a throttled or failed request.")
+    retries: int = Field(
+        default=5, ge=0, le=20, description="Attempts of one HTTP request by the S3 client (throttling, 5xx, timeouts, resets)."
+    )
+    operation_attempts: int = Field(
+        default=3, ge=1, le=10,
+        description="Attempts of a whole storage operation or backfill part when a transient fault outlives the client's retries.",
+    )  # fmt: skip
+    backoff_s: float = Field(default=0.5, gt=0, le=60, description="Wait before the first operation retry; doubles each time.")
     connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
     read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     extra: dict[str, Any] = Field(
@@ -110,6 +139,80 @@ def check_segment(name: str, *, what: str = "name") -> str:
             f"invalid {what} {name!r}: use letters, digits and _ . = + - only, not starting with '.' or '-'"
         )
     return name
+
+
+class TransientStorageError(StorageError):
+    """A storage fault that may pass if the operation is tried again (throttling, 5xx, timeout, reset)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage fault worth retrying. Permanent errors (403, missing bucket or
+    file, bad data, anything raybc refused on purpose) are not: retrying them only delays the message."""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError, RaybcError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
+        return True
+    try:
+        import botocore.exceptions as be
+
+        from botocore.parsers import ResponseParserError
+
+        if isinstance(exc, (be.HTTPClientError, be.ConnectionError, be.IncompleteReadError, ResponseParserError)):
+            return True
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return exc.status >= 500
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc)
+    return any(code in text for code in _TRANSIENT_CODES)
+
+
+# s3fs maps 503 SlowDown/ServiceUnavailable to EBUSY and 500 InternalError to EREMOTEIO.
+_TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", 121), errno.ETIMEDOUT, errno.ECONNRESET, errno.EAGAIN}
+_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException")
+
+
+def backoff_s(attempt: int, *, base_s: float, cap_s: float = MAX_BACKOFF_S) -> float:
+    """The longest wait after failed attempt ``attempt`` (1-based): base, 2 x base, 4 x base, ... capped."""
+    return min(cap_s, base_s * 2 ** (attempt - 1))
+
+
+def retry_transient(
+    fn: Callable[[], T], *, what: str, attempts: int, base_s: float, sleep: Callable[[float], None] = time.sleep
+) -> T:
+    """Run ``fn``; on a transient fault wait (exponential backoff, jittered down) and run it again,
+    at most ``attempts`` times in all. Permanent errors pass through at once. Every retry is
+    logged with what is retried, the attempt and the wait; giving up raises a StorageError that
+    says how often it tried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified right here
+            if not is_transient(exc):
+                raise
+            reason = _short(exc)
+            if attempt == attempts:
+                raise StorageError(
+                    f"gave up on {what} after {attempts} attempt{'s' * (attempts != 1)}: transient storage fault "
+                    f"persisted ({reason}); the store is unavailable or throttling: retry later, or raise "
+                    "storage.operation_attempts / storage.retries"
+                ) from exc
+            wait = backoff_s(attempt, base_s=base_s) * (0.5 + random.random() / 2)  # jitter spreads parallel retries
+            log.warning("[raybc] retrying %s after a transient fault (%s): attempt %d/%d failed, next in %.2f s",
+                        what, reason, attempt, attempts, wait)  # fmt: skip
+            sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _first_env(names: tuple[str, ...]) -> str | None:
@@ -153,7 +256,9 @@ class Storage:
             kw: dict[str, Any] = {
                 "anon": o.anonymous,
                 "config_kwargs": {
-                    "retries": {"max_attempts": max(1, o.retries), "mode": "adaptive"},
+                    # standard mode: jittered exponential backoff per request; adaptive mode's client-side
+                # rate limiter can slow every later request of the process after a burst of 503s.
+                "retries": {"total_max_attempts": max(1, o.retries), "mode": "standard"},
                     "connect_timeout": o.connect_timeout_s,
                     "read_timeout": o.read_timeout_s,
                 },
@@ -180,6 +285,8 @@ class Storage:
         if self._fs is None:
             try:
                 self._fs = fsspec.filesystem(self.protocol, **self._storage_kwargs())
+                if self.protocol in ("s3", "s3a"):
+                    self._fs.retries = _S3FS_ATTEMPTS
             except ImportError as exc:
                 hint = {"gs": "pip install 'raybc[gcs]'", "gcs": "pip install 'raybc[gcs]'"}.get(
                     self.protocol, f"install the fsspec implementation for {self.protocol}://"
@@ -244,7 +351,8 @@ class Storage:
 
     @contextlib.contextmanager
     def _errors(self, action: str, rel: str) -> Iterator[None]:
-        """Turn filesystem exceptions into messages naming the URI and the fix."""
+        """Turn filesystem exceptions into messages naming the URI and the fix; transient faults
+        become :class:`TransientStorageError` so :meth:`_retry` (and backfill parts) run them again."""
         try:
             yield
         except (AlreadyExistsError, StorageError):
@@ -256,10 +364,21 @@ class Storage:
                 f"permission denied to {action} {self.uri(rel)}: check the credentials and the bucket or "
                 f"folder permissions ({_short(exc)})"
             ) from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StorageError(f"no space left to {action} {self.uri(rel)}; free disk space") from None
-            raise StorageError(f"cannot {action} {self.uri(rel)}: {_short(exc)}") from exc
+        except Exception as exc:  # noqa: BLE001 - classified and translated here, the one place
+            if is_transient(exc):
+                raise TransientStorageError(f"cannot {action} {self.uri(rel)}: {_short(exc)}") from exc
+            if isinstance(exc, OSError):
+                if exc.errno == errno.ENOSPC:
+                    raise StorageError(f"no space left to {action} {self.uri(rel)}; free disk space") from None
+                raise StorageError(f"cannot {action} {self.uri(rel)}: {_short(exc)}") from exc
+            if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"):
+                raise StorageError(f"cannot {action} {self.uri(rel)}: {_short(exc)}") from exc
+            raise
+
+    def _retry(self, action: str, rel: str, fn: Callable[[], T]) -> T:
+        """Run one idempotent operation, retrying transient faults (bounded, logged)."""
+        o = self.options
+        return retry_transient(fn, what=f"{action} {self.uri(rel)}", attempts=o.operation_attempts, base_s=o.backoff_s)
 
     def _bucket_missing(self, rel: str) -> StorageError | None:
         if self.protocol not in ("s3", "s3a", "gs", "gcs"):
@@ -278,22 +397,31 @@ class Storage:
     # ------------------------------------------------------------------ reads
 
     def exists(self, rel: str = "") -> bool:
-        with self._errors("check", rel):
-            return bool(self.fs.exists(self.path(rel)))
+        def run() -> bool:
+            with self._errors("check", rel):
+                return bool(self.fs.exists(self.path(rel)))
+
+        return self._retry("check", rel, run)
 
     def isdir(self, rel: str = "") -> bool:
-        with self._errors("check", rel):
-            return bool(self.fs.isdir(self.path(rel)))
+        def run() -> bool:
+            with self._errors("check", rel):
+                return bool(self.fs.isdir(self.path(rel)))
+
+        return self._retry("check", rel, run)
 
     def read_bytes(self, rel: str) -> bytes:
-        with self._errors("read", rel):
-            try:
-                return self.fs.cat_file(self.path(rel))
-            except FileNotFoundError:
-                missing = self._bucket_missing(rel)
-                if missing:
-                    raise missing from None
-                raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
+        def run() -> bytes:
+            with self._errors("read", rel):
+                try:
+                    return self.fs.cat_file(self.path(rel))
+                except FileNotFoundError:
+                    missing = self._bucket_missing(rel)
+                    if missing:
+                        raise missing from None
+                    raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
+
+        return self._retry("read", rel, run)
 
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)
@@ -303,11 +431,17 @@ class Storage:
             raise StorageError(f"{self.uri(rel)} is not valid JSON ({exc}); the file is damaged") from None
 
     def size(self, rel: str) -> int:
-        with self._errors("stat", rel):
-            return int(self.fs.size(self.path(rel)))
+        def run() -> int:
+            with self._errors("stat", rel):
+                return int(self.fs.size(self.path(rel)))
+
+        return self._retry("stat", rel, run)
 
     def list(self, rel: str = "", *, detail: bool = False) -> list[Any]:
         """Entries directly below ``rel`` (names, or fsspec info dicts with ``detail``); [] if absent."""
+        return self._retry("list", rel, lambda: self._list_once(rel, detail))
+
+    def _list_once(self, rel: str, detail: bool) -> list[Any]:
         with self._errors("list", rel):
             base = self.path(rel)
             try:
@@ -325,24 +459,32 @@ class Storage:
 
     def walk_files(self, rel: str = "") -> list[str]:
         """Every file below ``rel``, as paths relative to the root, sorted."""
-        with self._errors("list", rel):
-            try:
-                found = self.fs.find(self.path(rel))
-            except FileNotFoundError:
-                return []
-            return sorted(self.relative(f) for f in found)
+
+        def run() -> list[str]:
+            with self._errors("list", rel):
+                try:
+                    found = self.fs.find(self.path(rel))
+                except FileNotFoundError:
+                    return []
+                return sorted(self.relative(f) for f in found)
+
+        return self._retry("list", rel, run)
 
     @contextlib.contextmanager
     def open_input(self, rel: str) -> Iterator[Any]:
-        """A readable, seekable file (native pyarrow file locally)."""
-        with self._errors("read", rel):
-            if self.is_local:
-                try:
-                    f = pa.OSFile(self.path(rel), "rb")
-                except FileNotFoundError:
-                    raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
-            else:
-                f = self.fs.open(self.path(rel), "rb")
+        """A readable, seekable file (native pyarrow file locally). Opening is retried; reads are the
+        caller's to retry (a backfill part retries as a whole)."""
+
+        def run() -> Any:
+            with self._errors("read", rel):
+                if self.is_local:
+                    try:
+                        return pa.OSFile(self.path(rel), "rb")
+                    except FileNotFoundError:
+                        raise FileNotFoundError(errno.ENOENT, "no such file", self.uri(rel)) from None
+                return self.fs.open(self.path(rel), "rb")
+
+        f = self._retry("read", rel, run)
         try:
             yield f
         finally:
@@ -356,7 +498,11 @@ class Storage:
                 os.makedirs(self.path(rel), exist_ok=True)
 
     def write_atomic(self, rel: str, data: bytes) -> None:
-        """Replace ``rel`` with ``data`` in one step: readers see old or new, never a mix."""
+        """Replace ``rel`` with ``data`` in one step: readers see old or new, never a mix. Retried:
+        writing the same bytes again is harmless."""
+        self._retry("write", rel, lambda: self._write_atomic_once(rel, data))
+
+    def _write_atomic_once(self, rel: str, data: bytes) -> None:
         path = self.path(rel)
         with self._errors("write", rel):
             if self.is_local:
@@ -380,7 +526,10 @@ class Storage:
         self.write_atomic(rel, json_bytes(obj))
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
-        """Write ``rel`` only if it does not exist; AlreadyExistsError otherwise. Atomic."""
+        """Write ``rel`` only if it does not exist; AlreadyExistsError otherwise. Atomic.
+
+        Not retried here: after a lost reply a second attempt could not tell its own earlier write
+        from a rival's (callers such as ``Registry._put_weight`` compare the bytes instead)."""
         path = self.path(rel)
         with self._errors("create", rel):
             if self.is_local:
@@ -444,15 +593,21 @@ class Storage:
                     f.closed = True  # so closing (or garbage collection) uploads nothing
 
     def remove(self, rel: str, *, recursive: bool = False) -> None:
-        with self._errors("remove", rel):
-            path = self.path(rel)
-            try:
-                self.fs.rm(path, recursive=recursive)
-            except FileNotFoundError:
-                pass
+        def run() -> None:
+            with self._errors("remove", rel):
+                try:
+                    self.fs.rm(self.path(rel), recursive=recursive)
+                except FileNotFoundError:
+                    pass
+
+        self._retry("remove", rel, run)
 
     def copy_from(self, src: Storage, src_rel: str, rel: str, *, chunk_bytes: int = 8 << 20) -> int:
-        """Stream ``src_rel`` of another storage into ``rel`` here (atomically); returns bytes copied."""
+        """Stream ``src_rel`` of another storage into ``rel`` here (atomically); returns bytes copied.
+        A transient fault mid-copy aborts the half-written object and copies again (bounded)."""
+        return self._retry("copy to", rel, lambda: self._copy_once(src, src_rel, rel, chunk_bytes))
+
+    def _copy_once(self, src: Storage, src_rel: str, rel: str, chunk_bytes: int) -> int:
         n = 0
         with src.open_input(src_rel) as fin, self.open_output(rel) as fout:
             while True:

@@ -1,7 +1,7 @@
 """The ``raybc`` command line, and the flag parsing the thin ``jobs/*.py`` entry points share.
 
 Commands: ``demo``, ``backfill``, ``reconcile``, ``retention``, ``register``, ``versions``,
-``snapshots``, ``discard``.
+``snapshots``, ``discard``, ``train``, ``experiment``.
 Options come from ``--config FILE`` (YAML), from flags, or both (flags win). Errors raised on
 purpose (:class:`~raybc.errors.RaybcError`) are printed as one clear message and exit non-zero,
 without a traceback. Credentials are never taken as flags (they would show in process lists and
@@ -498,6 +498,63 @@ def run_train_job(cfg) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- experiment
+
+
+def experiment_parser(prog: str = "raybc experiment") -> argparse.ArgumentParser:
+    from raybc.data import DATASET_HELP
+    from raybc.train.methods import METHODS
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="The paper's protocol: train every version of every method, backfill, score the intended task and "
+        "five consumer tasks, write the table and plots. Resumable: finished work is never redone.",
+    )
+    p.add_argument("--config", help="YAML file with the job config (flags override it)")
+    p.add_argument("--dataset", help=DATASET_HELP)
+    p.add_argument("--methods", help="comma-separated, default all: " + ",".join(METHODS))
+    p.add_argument("--out", help="output folder: <out>/<method>/ roots and <out>/report/")
+    p.add_argument("--profile", choices=["quick", "full"], help="full: the protocol at CPU scale; quick: a smoke run")
+    p.add_argument("--versions", type=int, help="versions to run (default: all, or 3 with --profile quick)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--summary-json", help="also write what the run did as JSON to this local file")
+    return p
+
+
+def experiment_config(argv: Sequence[str], prog: str = "raybc experiment"):
+    from raybc.config import ExperimentJobConfig
+    from raybc.options import load_options
+
+    a = experiment_parser(prog).parse_args(argv)
+    exp: dict[str, Any] = {}
+    for flag in ("dataset", "out", "profile", "versions"):
+        if getattr(a, flag) is not None:
+            exp[flag] = getattr(a, flag)
+    if a.methods is not None:
+        exp["methods"] = [m.strip() for m in a.methods.split(",") if m.strip()]
+    over: dict[str, Any] = {"experiment": exp} if exp else {}
+    for flag in ("ray_address", "summary_json"):
+        if getattr(a, flag) is not None:
+            over[flag] = getattr(a, flag)
+    return load_options(ExperimentJobConfig, file=a.config, overrides=over)
+
+
+def run_experiment_job(cfg) -> int:
+    from raybc.experiment import run_experiment
+
+    r = run_experiment(cfg.experiment, ray_address=cfg.ray_address)
+    print(
+        f"raybc experiment: done dataset={r.dataset} methods={len(r.methods)} versions={r.versions} "
+        f"trained={len(r.trained)} evaluated={len(r.evaluated)} seconds={r.seconds:.1f}"
+    )
+    for f in r.report_files:
+        print(f"  {f}")
+    if cfg.summary_json:
+        with open(cfg.summary_json, "w") as fh:
+            json.dump({k: v for k, v in vars(r).items() if k != "records"}, fh, indent=1, default=str)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -520,6 +577,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (run_demo, "build a synthetic registry, backfill it on a local Ray, verify, show how to read"),
     "backfill": (lambda argv: run_backfill_job(backfill_config(argv)), "backfill snapshots of older versions"),
     "train": (lambda argv: run_train_job(train_config(argv)), "fit one version of a method with Ray Train and publish it"),
+    "experiment": (lambda argv: run_experiment_job(experiment_config(argv)), "the paper's protocol: train, backfill, evaluate, report"),
     "reconcile": (lambda argv: run_reconcile_job(reconcile_config(argv)), "backfill every missing or stale snapshot (scheduled)"),
     "retention": (run_retention, "remove old uncommitted and superseded snapshot runs"),
     "register": (run_register, "publish a version trained elsewhere (z_k Parquet + B_k matrix)"),

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raybc.backfill import BackfillOptions
 from raybc.errors import StorageError
+from raybc.experiment import ExperimentOptions
 from raybc.options import Options
 from raybc.reconcile import LEASE_TTL_S, ReconcileOptions
 from raybc.retention import RetentionOptions
@@ -130,3 +131,11 @@ class TrainJobConfig(Options):
     ray_address: str | None = None
 
     _root = field_validator("root")(_check_uri)
+
+
+class ExperimentJobConfig(Options):
+    """``jobs/experiment.py`` and ``raybc experiment``: the paper's protocol for a list of methods."""
+
+    experiment: ExperimentOptions = Field(default_factory=ExperimentOptions)
+    ray_address: str | None = Field(default=None, description="Ray cluster; default $RAY_ADDRESS or a new local Ray.")
+    summary_json: str | None = Field(default=None, description="Also write what the run did as JSON to this local path.")

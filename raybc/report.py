@@ -1,0 +1,258 @@
+"""The experiment report: the paper's table (Markdown + CSV) and per-version plots (PNG).
+
+Numbers, per method and version k:
+
+- intended: Recall@50 of v<k> on its next slice (the selected epoch's, and the mean of the last
+  five checks), relative to no-bc at the same version, in %;
+- unintended: each consumer's ROC-AUC on the method's version-0-compatible embeddings at version
+  k, relative to fix-m0 at the same version and task, in %, then averaged over the tasks;
+- alignment: the relative squared error of the composed map to v0 (``align_err_v0``).
+
+"Average" columns average the per-version relative numbers over versions 1..K: version 0 is the
+same M_0 for every method, so it would only dilute the differences. Plots are rendered with
+matplotlib's Agg backend (no display needed).
+
+This module formats what ``experiment`` computed; it computes no metric itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raybc.storage import Storage
+
+if TYPE_CHECKING:
+    from raybc.experiment import ExperimentResult
+
+COMPAT_REFERENCE = "fix-m0"
+INTENDED_REFERENCE = "no-bc"
+# Small figures: they are committed next to docs/results.md.
+FIG_SIZE, FIG_DPI = (6.4, 4.0), 90
+
+
+def _rel(x: float | None, ref: float | None) -> float:
+    if x is None or ref is None or not math.isfinite(x) or not math.isfinite(ref) or ref == 0:
+        return float("nan")
+    return 100.0 * (x - ref) / ref
+
+
+def _mean(xs: Sequence[float]) -> float:
+    ys = [x for x in xs if math.isfinite(x)]
+    return float(np.mean(ys)) if ys else float("nan")
+
+
+def _std(xs: Sequence[float]) -> float:
+    ys = [x for x in xs if math.isfinite(x)]
+    return float(np.std(ys)) if ys else float("nan")
+
+
+def tasks_of(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for per in records.values():
+        for rec in per.values():
+            seen.update(dict.fromkeys(rec.get("unintended", {})))
+    return list(seen)
+
+
+def relative_rows(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (method, version): absolute numbers and the relative ones of the paper's table."""
+    tasks = tasks_of(records)
+    rows = []
+    for method, per in records.items():
+        for k in sorted(per, key=int):
+            rec = per[k]
+            ref_i = records.get(INTENDED_REFERENCE, {}).get(k, {}).get("intended", {})
+            ref_u = records.get(COMPAT_REFERENCE, {}).get(k, {}).get("unintended", {})
+            r = {
+                "method": method,
+                "version": int(k),
+                "dim": rec.get("dim"),
+                "recall@50": rec["intended"].get("recall@50"),
+                "recall50_last5_mean": rec["intended"].get("recall50_last5_mean"),
+                "intended_rel_pct": _rel(rec["intended"].get("recall@50"), ref_i.get("recall@50")),
+                "intended_last5_rel_pct": _rel(rec["intended"].get("recall50_last5_mean"), ref_i.get("recall50_last5_mean")),
+                "align_err_v0": rec.get("align_err_v0"),
+            }
+            rels = []
+            for t in tasks:
+                auc = rec.get("unintended", {}).get(t, {}).get("auc", float("nan"))
+                rel = _rel(auc, ref_u.get(t, {}).get("auc"))
+                r[f"auc:{t}"] = auc
+                r[f"auc_rel_pct:{t}"] = rel
+                rels.append(rel)
+            r["unintended_rel_pct"] = _mean(rels)
+            r["auc_mean"] = _mean([r[f"auc:{t}"] for t in tasks])
+            rows.append(r)
+    return rows
+
+
+def summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: the relative numbers averaged over versions >= 1, with their spread over versions."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method and r["version"] > 0]
+        s: dict[str, Any] = {"method": method, "versions": len(mine)}
+        for key in ("intended_rel_pct", "intended_last5_rel_pct", "unintended_rel_pct"):
+            vals = [r[key] for r in mine]
+            s[key], s[key + "_std"] = _mean(vals), _std(vals)
+        s["align_err_v0"] = _mean([r["align_err_v0"] for r in mine if r["align_err_v0"] is not None])
+        out.append(s)
+    return out
+
+
+def _fmt(x: Any, spec: str = "+.2f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+
+def markdown(result: ExperimentResult, rows: Sequence[Mapping[str, Any]], summary: Sequence[Mapping[str, Any]]) -> str:
+    tasks = tasks_of(result.records)
+    versions = sorted({r["version"] for r in rows})
+    later = [v for v in versions if v > 0]
+    lines = [
+        f"# Experiment report: {result.dataset}",
+        "",
+        f"Methods: {', '.join(result.methods)}; versions 0..{result.versions - 1}; output `{result.out}`; "
+        f"run time of this invocation {result.seconds:.0f} s (trained {len(result.trained)} versions, "
+        f"evaluated {len(result.evaluated)}).",
+        "",
+        "## Average over versions " + ", ".join(map(str, later)),
+        "",
+        "Intended: Recall@50 relative to no-bc (%); unintended: ROC-AUC relative to fix-m0 (%), mean of the "
+        "tasks; ± is the spread (std) over versions. align err: relative squared error of the map to v0.",
+        "",
+        "| method | intended R@50 (selected epoch) | intended R@50 (mean of last 5 checks) | unintended ROC-AUC | align err v0 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['method']} | {_fmt(s['intended_rel_pct'])} ± {_fmt(s['intended_rel_pct_std'], '.2f')} "
+            f"| {_fmt(s['intended_last5_rel_pct'])} ± {_fmt(s['intended_last5_rel_pct_std'], '.2f')} "
+            f"| {_fmt(s['unintended_rel_pct'])} ± {_fmt(s['unintended_rel_pct_std'], '.2f')} | {_fmt(s['align_err_v0'], '.4f')} |"
+        )
+    by = {(r["method"], r["version"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+
+    def per_version(title: str, key: str, spec: str = "+.2f") -> None:
+        lines.extend(["", f"## {title}", "", "| method | " + " | ".join(f"v{v}" for v in versions) + " |", "|---|" + "---:|" * len(versions)])
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(_fmt(by.get((m, v), {}).get(key), spec) for v in versions) + " |")
+
+    per_version("Intended: Recall@50 (selected epoch) relative to no-bc, % per version", "intended_rel_pct")
+    per_version("Intended: Recall@50 (mean of last 5 checks) relative to no-bc, % per version", "intended_last5_rel_pct")
+    per_version("Unintended: ROC-AUC relative to fix-m0, mean of the tasks, % per version", "unintended_rel_pct")
+    per_version("Recall@50 (selected epoch), absolute", "recall@50", ".4f")
+    per_version("Mean consumer ROC-AUC, absolute", "auc_mean", ".4f")
+    per_version("Alignment error to v0 (relative squared error)", "align_err_v0", ".4f")
+    lines.extend(["", "## Unintended tasks, ROC-AUC relative to fix-m0 (%), averaged over versions " + ", ".join(map(str, later)), ""])
+    lines.append("| method | " + " | ".join(tasks) + " |")
+    lines.append("|---|" + "---:|" * len(tasks))
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(_fmt(_mean([by[(m, v)][f'auc_rel_pct:{t}'] for v in later if (m, v) in by])) for t in tasks) + " |")
+    lines.extend(["", "## Consumers (trained once on fix-m0's v0)", "", "| task | hidden | dropout | seeds | val AUC | test AUC (v0) |", "|---|---:|---:|---:|---:|---:|"])
+    for t, c in result.consumers.items():
+        if "skipped" in c:
+            lines.append(f"| {t} | skipped: {c['skipped']} | | | | |")
+        else:
+            lines.append(f"| {t} | {c['hidden']} | {c['dropout']} | {len(c['seeds'])} | {c['val_auc']:.4f} | {c['baseline_auc']:.4f} |")
+    lines.extend(["", "Plots: `intended.png`, `unintended.png`, `alignment.png`, `unintended_tasks.png`.", ""])
+    return "\n".join(lines)
+
+
+def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    keys: dict[str, None] = {}
+    for r in rows:
+        keys.update(dict.fromkeys(r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(keys), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
+    """PNG bytes of the per-version plots: one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    tasks = [k.split(":", 1)[1] for k in rows[0] if k.startswith("auc:")] if rows else []
+    out: dict[str, bytes] = {}
+
+    def series(m: str, key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["version"], r.get(key)) for r in rows if r["method"] == m]
+        pts = [(v, float(y)) for v, y in pts if y is not None and math.isfinite(float(y))]
+        return [v for v, _ in pts], [y for _, y in pts]
+
+    def figure(name: str, key: str, ylabel: str, title: str, *, log: bool = False) -> None:
+        fig, ax = plt.subplots(figsize=FIG_SIZE, dpi=FIG_DPI)
+        for m in methods:
+            xs, ys = series(m, key)
+            if log:
+                xs, ys = [x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0]
+            ax.plot(xs, ys, marker="o", label=m)
+        ax.set_xlabel("version")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        out[name] = buf.getvalue()
+
+    figure("intended.png", "recall@50", "Recall@50 (next slice)", "Intended task per version")
+    figure("unintended.png", "auc_mean", "mean consumer ROC-AUC", "Unintended tasks (consumers of v0) per version")
+    figure("alignment.png", "align_err_v0", "relative squared error to v0", "Alignment error of the map to v0", log=True)
+    if tasks:
+        cols = min(3, len(tasks))
+        nrows = math.ceil(len(tasks) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.0 * cols, 3.0 * nrows), dpi=FIG_DPI, squeeze=False)
+        for ax, t in zip(axes.flat, tasks):
+            for m in methods:
+                xs, ys = series(m, f"auc:{t}")
+                ax.plot(xs, ys, marker="o", label=m)
+            ax.set_title(t, fontsize=9)
+            ax.set_xlabel("version")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(tasks) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle("Consumer ROC-AUC per task")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        out["unintended_tasks.png"] = buf.getvalue()
+    return out
+
+
+def write_report(result: ExperimentResult, dest: Storage) -> list[str]:
+    """results.md, results.csv (per method and version), summary.csv and the PNGs; returns their URIs."""
+    rows = relative_rows(result.records)
+    summary = summary_rows(rows)
+    files = {
+        "results.md": markdown(result, rows, summary).encode(),
+        "results.csv": _csv(rows).encode(),
+        "summary.csv": _csv(summary).encode(),
+        **plots(rows),
+    }
+    for name, data in files.items():
+        dest.write_atomic(name, data)
+    return [dest.uri(n) for n in files]
+
+
+__all__ = ["markdown", "plots", "relative_rows", "summary_rows", "write_report"]

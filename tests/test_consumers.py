@@ -80,6 +80,7 @@ def test_every_task_has_both_classes_on_synthetic_data():
         assert set(lab.table.column("split").to_pylist()) == {"train", "val", "test"}
 
 
+@pytest.mark.slow
 def test_consumer_learns_a_planted_signal_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     n, d = 600, 8

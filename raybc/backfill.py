@@ -194,6 +194,7 @@ class InputFile:
     name: str
     size: int
     stamp: str  # mtime or ETag: changes when the file is rewritten
+    id_type: str  # "int64" or "string", as the registry records it
     row_groups: tuple[int, ...]
     id_ranges: tuple[tuple[Any, Any] | None, ...]  # per row group, from Parquet statistics
 
@@ -324,12 +325,16 @@ def _read_input_file(store: Storage, name: str, info: dict[str, Any], dim: int) 
         if id_col is not None and layout.fixed:
             st = rg.column(id_col).statistics
             if st is not None and st.has_min_max:
-                lo, hi = st.min, st.max
+                try:
+                    lo, hi = st.min, st.max
+                except UnicodeDecodeError:  # non-UTF-8 ids: no usable range; the tasks refuse them
+                    lo = hi = None
                 if isinstance(lo, bytes):  # older writers store string stats as bytes
                     lo, hi = lo.decode("utf-8", "replace"), hi.decode("utf-8", "replace")
-                rng = (lo, hi)
+                rng = (lo, hi) if lo is not None else None
         ranges.append(rng)
-    return InputFile(name, int(info.get("size") or store.size(name)), _stamp(info), tuple(groups), tuple(ranges))
+    id_type = "int64" if pa.types.is_integer(layout.id_type) else "string"
+    return InputFile(name, int(info.get("size") or store.size(name)), _stamp(info), id_type, tuple(groups), tuple(ranges))
 
 
 def _part_range(f: InputFile, p: Part) -> tuple[Any, Any] | None:
@@ -388,6 +393,11 @@ def plan_entity(
     with ThreadPoolExecutor(IO_THREADS) as pool:
         files = list(pool.map(lambda f: _read_input_file(store, f.path, infos[f.path], ef.dim), ef.files))
     for entry, f in zip(ef.files, files):
+        if f.id_type != ef.id_type:
+            raise InputDataError(
+                f"{store.uri(f.name)} holds {f.id_type} ids but v{source}'s manifest records {ef.id_type} ids for "
+                f"{entity}: the schema drifted between files; rewrite the file with {ef.id_type} ids"
+            )
         if sum(f.row_groups) != entry.rows:
             raise IntegrityError(
                 f"{store.uri(f.name)} holds {sum(f.row_groups)} rows but v{source}'s manifest records {entry.rows}: "

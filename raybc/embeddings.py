@@ -144,7 +144,27 @@ def normalise_ids(ids: pa.Array, layout: ColumnLayout, *, source: str, row_offse
         raise InputDataError(f"{source}: row {row_offset + row} has a null id; every row needs an id")
     if ids.type != layout.id_type:
         ids = ids.cast(layout.id_type)
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type):
+        try:
+            ids.validate(full=True)  # Parquet readers do not check UTF-8; an id must be text
+        except pa.ArrowInvalid:
+            row = _first_bad_utf8(ids)
+            raise InputDataError(
+                f"{source}: row {row_offset + row} has an id that is not valid UTF-8; ids must be integers or UTF-8 strings"
+            ) from None
     return ids
+
+
+def _first_bad_utf8(ids: pa.Array) -> int:
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64 if pa.types.is_large_string(ids.type) else np.int32)
+    data = ids.buffers()[2].to_pybytes() if ids.buffers()[2] is not None else b""
+    for r in range(len(ids)):
+        lo, hi = offsets[ids.offset + r], offsets[ids.offset + r + 1]
+        try:
+            data[lo:hi].decode("utf-8")
+        except UnicodeDecodeError:
+            return r
+    return 0
 
 
 def check_finite(mat: np.ndarray, ids: pa.Array, *, source: str, row_offset: int) -> None:

@@ -216,10 +216,13 @@ class Registry:
         for wf in weights.values():
             if wf is not None and wf.file not in (MODEL_FILE, ALIGNER_FILE):
                 raise IntegrityError(f"{source}: weight file name {wf.file!r} is not allowed")
-        for e in embeddings.values():
-            check_segment(e.entity, what="entity name")
-            for f in e.files:
-                check_segment(f.path, what=f"embedding file name in {source}")
+        try:
+            for e in embeddings.values():
+                check_segment(e.entity, what="entity name")
+                for f in e.files:
+                    check_segment(f.path, what="embedding file name")
+        except StorageError as exc:
+            raise IntegrityError(f"{source}: tampered or damaged manifest: {exc}") from None
         return Version(
             version=k,
             parent=m.get("parent"),
@@ -495,6 +498,7 @@ class Registry:
         if not embeddings:
             raise InputDataError("register needs at least one entity's embeddings (entity=URI)")
         sources: dict[str, tuple[Storage, list[str]]] = {}
+        id_kind: dict[str, str] = {}
         dim: int | None = None
         for entity, uri in embeddings.items():
             check_segment(entity, what="entity name")
@@ -518,7 +522,13 @@ class Registry:
                 layout = inspect_schema(schema, source=base.uri(n), expected_dim=dim)
                 if layout.dim < 0:
                     raise InputDataError(f"{base.uri(n)}: embeddings must be fixed_size_list<float32>[d] to register")
+                if id_kind.setdefault(entity, _id_type_name(layout.id_type)) != _id_type_name(layout.id_type):
+                    raise InputDataError(
+                        f"{base.uri(n)}: ids are {_id_type_name(layout.id_type)} but other files of {entity} hold "
+                        f"{id_kind[entity]} ids; every file of an entity needs the same id type"
+                    )
                 dim = layout.dim
+            _check_values(base, names, dim=dim, entity=entity)
             sources[entity] = (base, names)
         assert dim is not None
 
@@ -556,8 +566,8 @@ class Registry:
         if name.endswith(".npy"):
             try:
                 m = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle user files
-            except ValueError as exc:
-                raise InputDataError(f"{uri}: not a plain .npy matrix ({exc})") from None
+            except (ValueError, EOFError, OSError) as exc:
+                raise InputDataError(f"{uri}: not a plain .npy matrix ({exc or 'empty file'})") from None
             return from_matrix(m, in_dim=in_dim, out_dim=out_dim, source=uri)
         if name.endswith(".safetensors"):
             t = from_bytes(data, source=uri)
@@ -567,6 +577,36 @@ class Registry:
                 raise InputDataError(f"{uri}: transform maps {t.in_dim}->{t.out_dim}, expected {in_dim}->{out_dim}")
             return t
         raise InputDataError(f"{uri}: B_k must be a .npy or .safetensors file")
+
+
+def _check_values(base: Storage, names: list[str], *, dim: int, entity: str) -> None:
+    """Read every row of the files to register: no null or non-UTF-8 ids, no NaN/Inf, no id twice,
+    at least one row. Refusing here keeps bad data out of the registry (nothing is copied yet)."""
+    from raybc.embeddings import EMBEDDING, ID, batch_matrix, check_finite, first_duplicate, normalise_ids
+
+    all_ids, rows = [], 0
+    for n in names:
+        src = base.uri(n)
+        with base.open_input(n) as f:
+            pf = pq.ParquetFile(f)
+            layout = inspect_schema(pf.schema_arrow, source=src, expected_dim=dim)
+            row = 0
+            try:
+                for batch in pf.iter_batches(batch_size=65_536, columns=[ID, EMBEDDING]):
+                    ids = normalise_ids(batch.column(0), layout, source=src, row_offset=row)
+                    check_finite(batch_matrix(batch.column(1), layout, source=src, row_offset=row, ids=ids), ids, source=src, row_offset=row)
+                    all_ids.append(ids)
+                    row += len(batch)
+            except (pa.ArrowInvalid, OSError) as exc:
+                if isinstance(exc, (InputDataError, StorageError)):
+                    raise
+                raise InputDataError(f"{src}: cannot read rows from {row} on ({exc}); the file is damaged") from None
+        rows += row
+    if rows == 0:
+        raise InputDataError(f"the files given for {entity} ({', '.join(base.uri(n) for n in names)}) hold no rows")
+    dup = first_duplicate(pa.chunked_array(all_ids))
+    if dup is not None:
+        raise InputDataError(f"id {dup!r} occurs more than once in the {entity} embeddings to register; every id must appear once")
 
 
 class BackwardTransform:

@@ -177,20 +177,32 @@ class Snapshots:
         except FileNotFoundError:
             raise IntegrityError(f"{self.root.uri(base)}/CURRENT names {p.manifest}, which does not exist") from None
         run = rel.rsplit("/", 1)[0]
-        files = []
-        for f in man.get("files", []):
-            path = f if isinstance(f, str) else f.get("path")
-            files.append(f"{run}/{check_segment(str(path), what='snapshot file name')}")
-        return Snapshot(
-            target_version=target,
-            entity=entity,
-            source_version=int(man["source_version"]),
-            run_id=p.run_id,
-            dim=int(man["dim"]),
-            rows=int(man["rows"]),
-            files=tuple(files),
-            manifest=man,
-        )
+        where = self.root.uri(rel)
+        try:
+            if not isinstance(man, dict) or not isinstance(man.get("files"), list):
+                raise ValueError("no list of files")
+            files = []
+            for f in man["files"]:
+                path = f if isinstance(f, str) else f.get("path")
+                files.append(f"{run}/{check_segment(str(path), what='snapshot file name')}")
+            snap = Snapshot(
+                target_version=target,
+                entity=entity,
+                source_version=int(man["source_version"]),
+                run_id=p.run_id,
+                dim=int(man["dim"]),
+                rows=int(man["rows"]),
+                files=tuple(files),
+                manifest=man,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IntegrityError(f"{where}: tampered or damaged snapshot manifest ({exc}); run the backfill again") from None
+        if snap.source_version != p.source_version or man.get("entity", entity) != entity or snap.dim <= 0:
+            raise IntegrityError(
+                f"{where}: tampered or damaged snapshot manifest: it names source v{snap.source_version}, "
+                f"entity {man.get('entity')!r}, dim {snap.dim}, but CURRENT says v{p.source_version} and {entity!r}"
+            )
+        return snap
 
     def list(self) -> list[tuple[int, str, Pointer]]:
         """Every committed (target version, entity, pointer), sorted."""
@@ -213,6 +225,11 @@ class Snapshots:
         for rel in snap.files:
             with self.root.open_input(rel) as f:
                 tables.append(pq.read_table(f, columns=cols))
+        if sum(t.num_rows for t in tables) != snap.rows:
+            raise IntegrityError(
+                f"{self.root.uri(snapshot_dir(target, entity))}: files hold {sum(t.num_rows for t in tables)} rows but "
+                f"the committed manifest records {snap.rows}; the snapshot was changed after commit"
+            )
         if not tables:
             return pa.table({c: pa.array([]) for c in cols})
         return pa.concat_tables(tables)

@@ -132,10 +132,15 @@ def split_uri(uri: str) -> tuple[str, str]:
     return protocol, path
 
 
+class InvalidNameError(StorageError, ValueError):
+    """A name or path segment that could escape its folder; a ValueError too, so option validators
+    report it beside every other bad field."""
+
+
 def check_segment(name: str, *, what: str = "name") -> str:
     """Refuse a path segment that could escape its folder or break object-store keys."""
     if not isinstance(name, str) or not _SEGMENT.match(name) or name in (".", ".."):
-        raise StorageError(
+        raise InvalidNameError(
             f"invalid {what} {name!r}: use letters, digits and _ . = + - only, not starting with '.' or '-'"
         )
     return name

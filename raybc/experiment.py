@@ -169,6 +169,17 @@ def read_compatible(root: Storage, entity: str, *, target: int, source: int) -> 
 # --------------------------------------------------------------------------- the runner
 
 
+def _same_training(hyperparameters: dict[str, Any], options) -> bool:
+    """Whether a published version's hyper-parameters are ``options`` (up to execution details)."""
+    from raybc.train.fit import TrainOptions
+
+    known = {k: v for k, v in hyperparameters.items() if k in TrainOptions.model_fields}
+    try:
+        return TrainOptions(**known).fingerprint() == options.fingerprint()
+    except ValueError:
+        return False
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -273,11 +284,22 @@ def run_experiment(options: ExperimentOptions, *, ray_address: str | None = None
     slices = slices[:n]
     out = Storage(options.out)
     roots = {m: out.child(m) for m in methods}
-    for m in methods:  # a root holds one method: refuse before any work
+    problems = []
+    for m in methods:  # reuse only versions this very protocol would have trained: refuse before any work
         reg = Registry(roots[m])
         for k in reg.versions():
-            if reg.get(k).method != m:
-                raise ConfigError([f"out: {roots[m].uri()} holds v{k} of {reg.get(k).method!r}, not {m!r}; use another --out"])
+            v = reg.get(k)
+            if v.method != m:
+                problems.append(f"out: {roots[m].uri()} holds v{k} of {v.method!r}, not {m!r}; use another --out")
+            elif v.hyperparameters.get("data_set") != data.name:
+                problems.append(f"out: v{k} of {m} was trained on {v.hyperparameters.get('data_set')!r}, not {data.name!r}; use another --out")
+            elif not _same_training(v.hyperparameters, train_opts[m]):
+                problems.append(
+                    f"out: v{k} of {m} in {roots[m].uri()} was trained with other options than the {options.profile!r} profile's; "
+                    "use another --out, or the profile and train overrides it was trained with"
+                )
+    if problems:
+        raise ConfigError(problems, source=out.uri())
     ensure_ray(ray_address)
     result = ExperimentResult(out=out.uri(), dataset=options.dataset, methods=methods, versions=n, records={}, consumers={})
     consumers: dict[str, RegisteredConsumer] = {}

@@ -83,6 +83,9 @@ def test_quick_profile_runs_every_method_and_version_and_resumes(tmp_path, ray_s
     again = run_experiment(opts, echo=lines.append)
     assert again.trained == [] and again.backfilled == [] and again.evaluated == []
     assert again.records["bc-aligner"][2] == r.records["bc-aligner"][2]
+    # versions trained otherwise are never silently reused
+    with pytest.raises(ConfigError, match="was trained with other options than the 'quick' profile's"):
+        run_experiment(opts.model_copy(update={"train": {"epochs": 5}}), echo=lines.append)
 
 
 def test_experiment_refuses_a_root_of_another_method(tmp_path):

@@ -34,6 +34,8 @@ COMPAT_REFERENCE = "fix-m0"
 INTENDED_REFERENCE = "no-bc"
 # Small figures: they are committed next to docs/results.md.
 FIG_SIZE, FIG_DPI = (6.4, 4.0), 90
+# Alignment errors span 0 (exact maps) to ~2 (unrelated spaces): log scale above this, linear below.
+SYMLOG_LINEAR_BELOW = 1e-3
 
 
 def _rel(x: float | None, ref: float | None) -> float:
@@ -184,6 +186,7 @@ def plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     tasks = [k.split(":", 1)[1] for k in rows[0] if k.startswith("auc:")] if rows else []
@@ -198,14 +201,13 @@ def plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
         fig, ax = plt.subplots(figsize=FIG_SIZE, dpi=FIG_DPI)
         for m in methods:
             xs, ys = series(m, key)
-            if log:
-                xs, ys = [x for x, y in zip(xs, ys) if y > 0], [y for y in ys if y > 0]
             ax.plot(xs, ys, marker="o", label=m)
         ax.set_xlabel("version")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        if log:
-            ax.set_yscale("log")
+        if log:  # linear near 0 so that exact maps (fix-m0: 0) stay visible
+            ax.set_yscale("symlog", linthresh=SYMLOG_LINEAR_BELOW)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -227,6 +229,7 @@ def plots(rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
                 ax.plot(xs, ys, marker="o", label=m)
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("version")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks) :]:
             ax.axis("off")

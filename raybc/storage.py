@@ -220,6 +220,42 @@ def retry_transient(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+# botocore's DEBUG logs print every signed request, the session token included (never the secret
+# key itself). These loggers get a filter that masks the credentials raybc hands to the client.
+_CLIENT_LOGGERS = ("botocore.auth", "botocore.endpoint", "aiobotocore.endpoint", "aiobotocore.auth")
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks known credentials in the S3 client's own (debug) log records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            if any(s in msg for s in self.secrets):
+                for s in self.secrets:
+                    msg = msg.replace(s, "**********")
+                record.msg, record.args = msg, ()
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def _redact_in_client_logs(*secrets: SecretStr | None) -> None:
+    values = {s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()}
+    if not values - _REDACT.secrets:
+        return
+    _REDACT.secrets |= values
+    for name in _CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 def _first_env(names: tuple[str, ...]) -> str | None:
     for n in names:
         if os.environ.get(n):
@@ -243,9 +279,9 @@ class Storage:
         updates: dict[str, Any] = {}
         if not opts.anonymous and opts.access_key_id is None and os.environ.get(_ENV_KEY):
             updates["access_key_id"] = SecretStr(os.environ[_ENV_KEY])
-            if os.environ.get(_ENV_SECRET):
+            if os.environ.get(_ENV_SECRET) and opts.secret_access_key is None:
                 updates["secret_access_key"] = SecretStr(os.environ[_ENV_SECRET])
-            if os.environ.get(_ENV_TOKEN):
+            if os.environ.get(_ENV_TOKEN) and opts.session_token is None:
                 updates["session_token"] = SecretStr(os.environ[_ENV_TOKEN])
         if opts.endpoint_url is None and _first_env(_ENV_ENDPOINT):
             updates["endpoint_url"] = _first_env(_ENV_ENDPOINT)
@@ -292,6 +328,7 @@ class Storage:
                 self._fs = fsspec.filesystem(self.protocol, **self._storage_kwargs())
                 if self.protocol in ("s3", "s3a"):
                     self._fs.retries = _S3FS_ATTEMPTS
+                    _redact_in_client_logs(self.options.secret_access_key, self.options.session_token)
             except ImportError as exc:
                 hint = {"gs": "pip install 'raybc[gcs]'", "gcs": "pip install 'raybc[gcs]'"}.get(
                     self.protocol, f"install the fsspec implementation for {self.protocol}://"
@@ -452,6 +489,9 @@ class Storage:
             try:
                 entries = self.fs.ls(base, detail=True)
             except FileNotFoundError:
+                missing = self._bucket_missing(rel)  # an empty listing must not hide a wrong bucket
+                if missing:
+                    raise missing from None
                 return []
             out = []
             for e in entries:
@@ -470,6 +510,9 @@ class Storage:
                 try:
                     found = self.fs.find(self.path(rel))
                 except FileNotFoundError:
+                    missing = self._bucket_missing(rel)
+                    if missing:
+                        raise missing from None
                     return []
                 return sorted(self.relative(f) for f in found)
 

@@ -185,6 +185,11 @@ def test_missing_bucket_fails_fast(proxy):
         s.read_bytes("registry/v0/manifest.json")
     # the read and the bucket probe, each request sent once: nothing retried
     assert len(set(proxy.log)) == len(proxy.log) <= 5 and time.perf_counter() - t0 < 5
+    # listing a missing bucket is an error too, not an empty registry
+    from raybc.registry import Registry
+
+    with pytest.raises(StorageError, match="bucket 'raybc-no-such-bucket' .*does not exist"):
+        Registry(s).versions()
 
 
 # --------------------------------------------------------------------------- a backfill through the proxy

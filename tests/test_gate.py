@@ -81,7 +81,7 @@ def test_gate_accepts_bc_aligner(tmp_path, data, ray_session):
     assert report.ok and report.rows[0].candidate_auc == pytest.approx(auc, abs=1e-6)
 
 
-def test_consumer_store_round_trip_and_tamper(tmp_path, data):
+def test_consumer_store_round_trip_and_tamper(storage_root, data):
     from raybc.embeddings import make_table
 
     d, slices = data
@@ -90,7 +90,7 @@ def test_consumer_store_round_trip_and_tamper(tmp_path, data):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(len(sl.users), 8)).astype(np.float32)
     constant = make_table(d.user_ids.take(sl.users), np.ones_like(z))  # every score ties: AUC exactly 0.5
-    root = Storage(str(tmp_path / "root"))
+    root = storage_root  # a local folder and an S3 bucket
     store = ConsumerStore(root)
     recipe = ConsumerOptions(hidden=[8], dropout=[0.0], seeds=[0, 1], epochs=60)
     with pytest.raises(RegistryError, match="no better than chance"):

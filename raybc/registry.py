@@ -594,7 +594,8 @@ def _check_values(base: Storage, names: list[str], *, dim: int, entity: str) -> 
             try:
                 for batch in pf.iter_batches(batch_size=65_536, columns=[ID, EMBEDDING]):
                     ids = normalise_ids(batch.column(0), layout, source=src, row_offset=row)
-                    check_finite(batch_matrix(batch.column(1), layout, source=src, row_offset=row, ids=ids), ids, source=src, row_offset=row)
+                    mat = batch_matrix(batch.column(1), layout, source=src, row_offset=row, ids=ids)
+                    check_finite(mat, ids, source=src, row_offset=row)
                     all_ids.append(ids)
                     row += len(batch)
             except (pa.ArrowInvalid, OSError) as exc:

@@ -74,7 +74,7 @@ def test_backfill_job_config_reports_every_bad_field_at_once():
         "extra_field": 1,
     }  # fmt: skip
     problems = problems_of(BackfillJobConfig, data)
-    fields = ["root"] + [f"storage.{k}" for k in STORAGE_BAD] + [f"backfill.{k}" for k in data["backfill"]] + ["summary_json", "extra_field"]
+    fields = ["root", *(f"storage.{k}" for k in STORAGE_BAD), *(f"backfill.{k}" for k in data["backfill"]), "summary_json", "extra_field"]
     assert_each_named(problems, fields)
     assert len(problems) == len(fields)
     text = "\n".join(problems)
@@ -92,7 +92,8 @@ def test_reconcile_retention_demo_register_and_train_configs_refuse_out_of_range
     }
     assert_each_named(
         problems_of(ReconcileJobConfig, reconcile),
-        ["reconcile.entities", "reconcile.lease_ttl_s", "reconcile.backfill.rows_per_part", "retention.retention_s", "retention.grace_s", "dry_run"],
+        ["reconcile.entities", "reconcile.lease_ttl_s", "reconcile.backfill.rows_per_part",
+         "retention.retention_s", "retention.grace_s", "dry_run"],  # fmt: skip
     )
     assert_each_named(
         problems_of(RetentionJobConfig, {"root": "/tmp/x", "lease_ttl_s": 0, "retention": {"retention_s": -3}, "dry_run": 2}),

@@ -12,7 +12,6 @@ points come from the test-only ``RAYBC_TEST_CRASH_AT`` hook (``raybc.snapshots.c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess

@@ -21,7 +21,7 @@ from raybc import cli
 from raybc.data.synthetic import build_registry
 from raybc.embeddings import make_table
 from raybc.errors import InputDataError, IntegrityError, RaybcError
-from raybc.registry import ALIGNER_FILE, MODEL_FILE, ModelWeights, Registry
+from raybc.registry import ALIGNER_FILE, ModelWeights, Registry
 from raybc.storage import Storage, StorageOptions
 from raybc.transforms import Linear, from_bytes, to_bytes
 
@@ -205,13 +205,17 @@ def test_planted_secrets_appear_in_no_output_manifest_or_error(
     assert cli.main(["backfill", "--config", str(cfg)]) == cli.EXIT_CONFIG
     cfg.write_text(f"root: s3://raybc-no-such-bucket/x\nstorage:\n  endpoint_url: {s3_server}\n  secret_access_key: {SECRET}\n")
     assert cli.main(["backfill", "--config", str(cfg), "--no-progress"]) == cli.EXIT_FAILED
-    cfg.write_text(f"root: {uri}\nstorage:\n  endpoint_url: http://127.0.0.1:9\n  secret_access_key: {SECRET}\n  retries: 1\n  operation_attempts: 2\n  backoff_s: 0.01\n")
+    cfg.write_text(
+        f"root: {uri}\nstorage:\n  endpoint_url: http://127.0.0.1:9\n  secret_access_key: {SECRET}\n"
+        "  retries: 1\n  operation_attempts: 2\n  backoff_s: 0.01\n"
+    )
     assert cli.main(["backfill", "--config", str(cfg), "--no-progress"]) == cli.EXIT_FAILED  # nothing listens there
     assert cli.main(["register", "--root", uri, "--endpoint-url", s3_server, "--version", "4", "--embeddings",
                      f"items={tmp_path / 'missing.parquet'}"]) != cli.EXIT_OK  # fmt: skip
+    unreachable = opts.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "retries": 1, "operation_attempts": 1})
     for bad in (
         lambda: Registry(Storage("s3://raybc-no-such-bucket/x", opts)).get(0),
-        lambda: Storage(uri, opts.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "retries": 1, "operation_attempts": 1})).read_bytes("x"),  # noqa: E501
+        lambda: Storage(uri, unreachable).read_bytes("x"),
         lambda: StorageOptions(endpoint_url="nope", secret_access_key=SECRET),
     ):
         with pytest.raises(Exception) as err:

@@ -103,13 +103,18 @@ class BackfillOptions(Options):
     @field_validator("entities")
     @classmethod
     def _entities(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("give at least one entity, or leave it unset for all")
-        for e in v:
-            check_segment(e, what="entity name")
-        return sorted(set(v))
+        return entity_list(v)
+
+
+def entity_list(v: list[str] | None) -> list[str] | None:
+    """An options field listing entities: None (all) or a non-empty list of valid names, sorted."""
+    if v is None:
+        return v
+    if not v:
+        raise ValueError("give at least one entity, or leave it unset for all")
+    for e in v:
+        check_segment(e, what="entity name")
+    return sorted(set(v))
 
 
 # --------------------------------------------------------------------------- planning (pure)

@@ -24,12 +24,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from raybc.backfill import BackfillOptions, BackfillSummary, backfill
+from raybc.backfill import BackfillOptions, BackfillSummary, backfill, entity_list
 from raybc.lease import Lease, LeaseHeldError
 from raybc.options import Options
 from raybc.registry import Registry
 from raybc.snapshots import Snapshots
-from raybc.storage import Storage, check_segment
+from raybc.storage import Storage
 
 # Name of the lease folder below <root>/locks/: one lease for every reconcile schedule of a root.
 LEASE_NAME = "reconcile"
@@ -58,13 +58,7 @@ class ReconcileOptions(Options):
     @field_validator("entities")
     @classmethod
     def _entities(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("give at least one entity, or leave it unset for all")
-        for e in v:
-            check_segment(e, what="entity name")
-        return sorted(set(v))
+        return entity_list(v)
 
     @field_validator("backfill")
     @classmethod

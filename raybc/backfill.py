@@ -235,6 +235,7 @@ class PartContext:
     plan: FanOutPlan
     batch_rows: int
     compression: str
+    progress: bool = True  # print one line per finished part (reaches the driver's log)
 
 
 @dataclass
@@ -542,12 +543,14 @@ class BackfillSink(Datasink):
         for block in blocks:
             for key in BlockAccessor.for_block(block).to_arrow().column("part").to_pylist():
                 part = self.parts[key]
-                res = process_part(self.ctxs[part.entity], part)
-                print(
-                    f"[raybc] {part.entity} {part.name}: {res['rows']:,} rows -> "
-                    f"{len(self.ctxs[part.entity].plan.targets)} targets in {res['seconds']:.2f} s",
-                    flush=True,
-                )
+                ctx_ = self.ctxs[part.entity]
+                res = process_part(ctx_, part)
+                if ctx_.progress:
+                    print(
+                        f"[raybc] {part.entity} {part.name}: {res['rows']:,} rows -> "
+                        f"{len(ctx_.plan.targets)} targets in {res['seconds']:.2f} s",
+                        flush=True,
+                    )
                 out.append(res)
         return out
 
@@ -655,7 +658,9 @@ def backfill(
 
     if todo:
         ctxs = {
-            j.entity: PartContext(registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression)
+            j.entity: PartContext(
+                registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression, options.progress
+            )
             for j in active
         }
         keys = {f"{p.entity}/{p.name}": p for p in todo}

@@ -162,7 +162,8 @@ def reconcile_config(argv: Sequence[str], prog: str = "raybc reconcile"):
     if a.lease_ttl_s is not None:
         rc["lease_ttl_s"] = a.lease_ttl_s
     if a.rows_per_part is not None:
-        rc["backfill"] = {"rows_per_part": a.rows_per_part}
+        # scheduled runs stay quiet: no per-part lines can land after the one-line summary
+        rc["backfill"] = {"rows_per_part": a.rows_per_part, "progress": False}
     over: dict[str, Any] = {**_storage_overrides(a)}
     if rc:
         over["reconcile"] = rc

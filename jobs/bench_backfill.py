@@ -9,6 +9,7 @@ older version ``--out-dim``, linear B's. Then, in one process and one run, measu
 - throughput: the Ray backfill v10 -> v9 (ratio to the baseline, target >= 1.6x);
 - distance: v10 -> v0 against v10 -> v9 (fusion makes distance free, target <= 1.1x);
 - fan-out: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x);
+- float16 output: bytes written, time, and precision against float64 step by step;
 - memory: peak RSS of the whole job (driver + Ray workers) at ``--rows`` and 10x ``--rows``
   (``--memory``; target growth < 1.2x);
 and prints a table (rows/s, GB/s, peak RSS, ratios), also written as JSON with ``--json``.
@@ -32,10 +33,11 @@ import pyarrow.parquet as pq
 
 from raybc.backfill import BackfillOptions, backfill
 from raybc.data.synthetic import embedding_tables
-from raybc.embeddings import EMBEDDING, ID, make_batch, table_schema
+from raybc.embeddings import EMBEDDING, ID, make_batch, read_matrix, table_schema
 from raybc.registry import Registry
+from raybc.snapshots import Snapshots
 from raybc.storage import Storage
-from raybc.transforms import Affine
+from raybc.transforms import Affine, apply_steps, chain_steps
 
 # Versions of the bench root: v10 is the source, v0..v9 the targets (distance 1 to 10).
 SOURCE = 10
@@ -133,6 +135,26 @@ class RssSampler:
         self._t.join()
 
 
+def snapshot_bytes(reg: Registry, target: int) -> int:
+    return sum(f["bytes"] for f in Snapshots(reg.root).get(target, "items").manifest["files"])
+
+
+def half_precision_report(reg: Registry, *, target: int) -> dict[str, float]:
+    """Bytes and precision of the float16 snapshot just written, against float64 step by step."""
+    snaps = Snapshots(reg.root)
+    snap = snaps.get(target, "items")
+    with reg.root.open_input(snap.files[0]) as f:
+        ids, got = read_matrix(pq.read_table(f))
+    src = reg.embeddings_storage(SOURCE, "items")
+    with src.open_input(reg.get(SOURCE).embeddings["items"].files[0].path) as f:
+        src_ids, z = read_matrix(pq.read_table(f))
+    assert np.array_equal(ids, src_ids[: len(ids)]), "part 0 holds the first input file's rows in order"
+    steps = chain_steps({v: reg.aligner(v) for v in range(SOURCE, target, -1)}, SOURCE, target)
+    ref = apply_steps(steps, z[: len(ids)])
+    rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    return {"bytes": snapshot_bytes(reg, target), "max_rel_error": float(rel.max()), "mean_rel_error": float(rel.mean())}
+
+
 def ray_backfill(root: Storage, targets: list[int], **opts) -> tuple[float, int]:
     """Seconds and peak RSS of one Ray backfill from scratch (snapshots removed first)."""
     root.remove("snapshots", recursive=True)
@@ -177,8 +199,11 @@ def main(argv: list[str]) -> int:
     shutil.rmtree(base_dir, ignore_errors=True)
     results["baseline v10->v9 (1 process)"] = (best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1)), 0)
     results["ray v10->v9"] = best(lambda: ray_backfill(root, [SOURCE - 1]))
+    f32_bytes = snapshot_bytes(reg, SOURCE - 1)
     results["ray v10->v0"] = best(lambda: ray_backfill(root, [0]))
     results["ray v10->v9,v8,v7,v6"] = best(lambda: ray_backfill(root, [9, 8, 7, 6]))
+    results["ray v10->v9 float16 output"] = best(lambda: ray_backfill(root, [SOURCE - 1], output_dtype="float16"))
+    half = half_precision_report(reg, target=SOURCE - 1)
     if a.memory:
         big = Storage(os.path.join(a.workdir, f"root-{a.rows * 10}x{a.dim}"))
         build_root(big, rows=a.rows * 10, dim=a.dim, out_dim=a.out_dim, files=a.files * 10)
@@ -195,6 +220,10 @@ def main(argv: list[str]) -> int:
         "distance: v10->v0 / v10->v9 time (target <= 1.1)": results["ray v10->v0"][0] / one[0],
         "fan-out: 4 targets / 1 target time (target <= 1.6)": results["ray v10->v9,v8,v7,v6"][0] / one[0],
     }
+    ratios["float16 output: bytes written / float32"] = half["bytes"] / f32_bytes
+    ratios["float16 output: time / float32"] = results["ray v10->v9 float16 output"][0] / one[0]
+    ratios["float16 output: max row relative error vs float64"] = half["max_rel_error"]
+    ratios["float16 output: mean row relative error vs float64"] = half["mean_rel_error"]
     if a.memory:
         big_rss = results[f"ray v10->v9 at 10x rows ({a.rows * 10:,})"][1]
         ratios["memory: peak RSS at 10x rows / at 1x (target < 1.2)"] = big_rss / one[1]
@@ -203,7 +232,7 @@ def main(argv: list[str]) -> int:
         print(f"{r['case']:<40} {r['seconds']:>9.2f} {r['rows_per_s']:>12,.0f} {r['input_gb_per_s']:>8.3f} {r['peak_rss_gb']:>12.2f}")
     print()
     for k, v in ratios.items():
-        print(f"{k:<58} {v:6.2f}")
+        print(f"{k:<58} {v:9.2e}" if v < 0.01 else f"{k:<58} {v:6.2f}")
     if a.json:
         info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
                 "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv}  # fmt: skip

@@ -82,6 +82,11 @@ class BackfillOptions(Options):
     batch_rows: int = Field(
         default=65_536, ge=1, le=4_194_304, description="Rows per batch inside a task; bounds a task's memory."
     )
+    output_dtype: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="Vector type of snapshot files; float16 halves the bytes written (precision: docs/benchmarks.md). "
+        "The storage contract's type is float32: choose float16 only for consumers that read it.",
+    )
     compression: Literal["none", "snappy", "lz4", "zstd"] = Field(
         default="none", description="Parquet compression of snapshot files (float vectors barely compress)."
     )
@@ -236,6 +241,7 @@ class PartContext:
     batch_rows: int
     compression: str
     progress: bool = True  # print one line per finished part (reaches the driver's log)
+    output_dtype: str = "float32"  # or "float16" (half the bytes written)
 
 
 @dataclass
@@ -422,6 +428,7 @@ def plan_entity(
             "aligners": [registry.get(v).aligner.sha256 for v in range(source, min(targets), -1)],  # type: ignore[union-attr]
             "rows_per_part": options.rows_per_part,
             "compression": options.compression,
+            "output_dtype": options.output_dtype,
         }
     )
     snaps = Snapshots(registry.root)
@@ -459,6 +466,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
     src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
     targets = ctx.plan.targets
+    value_type = pa.float16() if ctx.output_dtype == "float16" else pa.float32()
     with src.open_input(part.file) as fin:
         try:
             pf = pq.ParquetFile(fin)
@@ -472,7 +480,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
             for j in targets:
                 rel = f"{run_dir(j, ctx.entity, ctx.source, ctx.run_id)}/{part.name}"
                 sink = stack.enter_context(ctx.root.open_output(rel))
-                schema = table_schema(ctx.plan.out_dims[j], layout.id_type)
+                schema = table_schema(ctx.plan.out_dims[j], layout.id_type, value_type)
                 writers[j] = stack.enter_context(
                     pq.ParquetWriter(sink, schema, compression=ctx.compression, write_statistics=[ID])
                 )
@@ -489,7 +497,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
                     check_finite(mat, ids, source=uri, row_offset=row)
                     outs = ctx.plan.apply(mat)
                     for j, w in writers.items():
-                        w.write_batch(make_batch(ids, outs[j]))
+                        w.write_batch(make_batch(ids, outs[j], value_type))
                     ids_seen.append(ids)
                     row += len(batch)
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -651,7 +659,11 @@ def backfill(
             snaps.commit(
                 target=t, entity=j.entity, source=source, run_id=j.run_id, dim=j.plan.out_dims[t],
                 parts=[FileEntry(p.name, p.rows, 0) for p in j.parts],
-                extra={"transform": {"steps": list(range(source, t, -1))}, "compression": options.compression},
+                extra={
+                        "transform": {"steps": list(range(source, t, -1))},
+                        "compression": options.compression,
+                        "dtype": options.output_dtype,
+                    },
             )  # fmt: skip
             summary.committed.append(f"as-v{t}/{j.entity}")
             summary.rows_written += j.rows
@@ -659,7 +671,8 @@ def backfill(
     if todo:
         ctxs = {
             j.entity: PartContext(
-                registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression, options.progress
+                registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression,
+                options.progress, options.output_dtype,
             )
             for j in active
         }

@@ -69,6 +69,7 @@ def backfill_parser(prog: str = "raybc backfill") -> argparse.ArgumentParser:
     p.add_argument("--rows-per-part", type=int, help="rows per task and output file")
     p.add_argument("--batch-rows", type=int, help="rows per batch inside a task")
     p.add_argument("--compression", help="none, snappy, lz4 or zstd")
+    p.add_argument("--output-dtype", help="float32 (the contract's type, default) or float16 (half the bytes)")
     p.add_argument("--max-concurrency", type=int, help="most parts in flight")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-part lines")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
@@ -90,7 +91,7 @@ def backfill_config(argv: Sequence[str], prog: str = "raybc backfill"):
         bf["to_versions"] = _int_list("--to-versions", a.to_versions)
     if a.entity:
         bf["entities"] = _entities(a.entity)
-    for flag in ("rows_per_part", "batch_rows", "compression", "max_concurrency"):
+    for flag in ("rows_per_part", "batch_rows", "compression", "output_dtype", "max_concurrency"):
         if getattr(a, flag) is not None:
             bf[flag] = getattr(a, flag)
     if a.no_progress:

@@ -43,7 +43,9 @@ def embedding_array(mat: np.ndarray, value_type: pa.DataType = pa.float32()) -> 
         raise ValueError(f"expected a 2-D matrix, got shape {mat.shape}")
     n, d = mat.shape
     flat = np.ascontiguousarray(mat).reshape(n * d)
-    values = pa.array(flat, type=value_type) if value_type != pa.from_numpy_dtype(flat.dtype) else pa.array(flat)
+    if pa.from_numpy_dtype(flat.dtype) != value_type:
+        flat = flat.astype(value_type.to_pandas_dtype())  # e.g. float32 -> float16 output
+    values = pa.array(flat)
     return pa.FixedSizeListArray.from_arrays(values, type=embedding_type(d, value_type))
 
 

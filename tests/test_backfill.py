@@ -158,3 +158,26 @@ def test_snapshot_is_readable_as_ray_dataset_and_plain_parquet(tmp_path, ray_ses
     plain = pq.read_table(root.path(snap.files[0]))  # any Parquet reader, no raybc
     assert plain.schema.field("embedding").type.list_size == DIMS[0]
     assert Registry(root).get(2).embeddings["items"].rows == 2_500
+
+
+@pytest.mark.cluster
+def test_float16_output_halves_the_bytes_within_half_precision(tmp_path, ray_session):
+    from raybc.storage import Storage
+
+    root = Storage(str(tmp_path / "root"))
+    reg = build_registry(root, dims=DIMS[:3], rows=5_000, entities=["items"], rows_per_file=5_000)
+    full = backfill(root, BackfillOptions(to_versions=[0], progress=False))
+    snaps = Snapshots(root)
+    ref_bytes = sum(f["bytes"] for f in snaps.get(0, "items").manifest["files"])
+    _, ref = read_matrix(snaps.read_table(0, "items"))
+    half = backfill(root, BackfillOptions(to_versions=[0], output_dtype="float16", progress=False))
+    assert half.run_ids["items"] != full.run_ids["items"]  # a different output is a different run
+    snap = snaps.get(0, "items")
+    assert snap.manifest["dtype"] == "float16"
+    table = snaps.read_table(0, "items")
+    assert table.schema.field("embedding").type.value_type == "halffloat"
+    _, got = read_matrix(table)
+    rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert rel.max() < 1e-3  # float16 keeps ~3 decimal digits
+    assert sum(f["bytes"] for f in snap.manifest["files"]) < 0.6 * ref_bytes
+    assert verify_snapshot(reg, 0, "items").max_rel_error < 1e-3

@@ -5,7 +5,7 @@
 Builds (or reuses) a synthetic root with versions v0..v10: v10 has ``--dim`` dimensions, every
 older version ``--out-dim``, linear B's. Then, in one process and one run, measures:
 
-- baseline: read -> fused matmul (v10 -> v9) -> write, file by file, one process;
+- baseline: read -> fused matmul (v10 -> v9) -> write, file by file, one process, same writer settings;
 - throughput: the Ray backfill v10 -> v9 (ratio to the baseline, target >= 1.6x);
 - distance: v10 -> v0 against v10 -> v9 (fusion makes distance free, target <= 1.1x);
 - fan-out: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x);
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from raybc.backfill import BackfillOptions, backfill
 from raybc.data.synthetic import embedding_tables
-from raybc.embeddings import EMBEDDING, ID, make_batch, read_matrix, table_schema
+from raybc.embeddings import EMBEDDING, ID, WRITER_OPTIONS, make_batch, read_matrix, table_schema
 from raybc.registry import Registry
 from raybc.snapshots import Snapshots
 from raybc.storage import Storage
@@ -83,7 +83,8 @@ def baseline_loop(reg: Registry, out: str, *, target: int) -> float:
                 y = w.apply(z)[target]
                 rb = make_batch(batch.column(0), y)
                 if writer is None:
-                    writer = pq.ParquetWriter(os.path.join(out, f.path), table_schema(y.shape[1]), compression="none")
+                    path = os.path.join(out, f.path)
+                    writer = pq.ParquetWriter(path, table_schema(y.shape[1]), compression="none", **WRITER_OPTIONS)
                 writer.write_batch(rb)
             writer.close()
     return time.perf_counter() - t0

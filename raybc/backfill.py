@@ -43,6 +43,7 @@ from ray.data.datasource import Datasink
 from raybc.embeddings import (
     EMBEDDING,
     ID,
+    WRITER_OPTIONS,
     ColumnLayout,
     batch_matrix,
     check_finite,
@@ -482,7 +483,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
                 sink = stack.enter_context(ctx.root.open_output(rel))
                 schema = table_schema(ctx.plan.out_dims[j], layout.id_type, value_type)
                 writers[j] = stack.enter_context(
-                    pq.ParquetWriter(sink, schema, compression=ctx.compression, write_statistics=[ID])
+                    pq.ParquetWriter(sink, schema, compression=ctx.compression, **WRITER_OPTIONS)
                 )
             row = part.first_row
             ids_seen = []

@@ -223,8 +223,13 @@ def read_matrix(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return table.column(ID).to_numpy(zero_copy_only=False), mat
 
 
+# Parquet writer settings for contract tables. Dictionary encoding is off: unique ids and float
+# vectors never repeat, so the writer only pays for building a dictionary it then abandons
+# (measured: 2.3x slower float32 writes, 2.5x for float16). Statistics only for ids: their
+# min/max let the backfill prove files hold disjoint ids without reading them.
+WRITER_OPTIONS = {"use_dictionary": False, "write_statistics": [ID]}
+
+
 def write_table(sink, table: pa.Table, *, compression: str = "none", row_group_rows: int = ROW_GROUP_ROWS) -> None:
     """Write a contract table to an open sink (see ``Storage.open_output``)."""
-    pq.write_table(
-        table, sink, compression=compression, row_group_size=row_group_rows, write_statistics=[ID]
-    )
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_rows, **WRITER_OPTIONS)

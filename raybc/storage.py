@@ -554,16 +554,7 @@ class Storage:
         path = self.path(rel)
         with self._errors("write", rel):
             if self.is_local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = _tmp_name(path)
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                finally:
-                    _remove_quietly(tmp)
+                _write_local(path, data, os.replace)
             else:
                 try:
                     self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
@@ -581,19 +572,10 @@ class Storage:
         path = self.path(rel)
         with self._errors("create", rel):
             if self.is_local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = _tmp_name(path)
                 try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    try:
-                        os.link(tmp, path)  # fails if path exists; never replaces
-                    except FileExistsError:
-                        raise AlreadyExistsError(f"{self.uri(rel)} already exists") from None
-                finally:
-                    _remove_quietly(tmp)
+                    _write_local(path, data, os.link)  # a hard link fails if path exists; never replaces
+                except FileExistsError:
+                    raise AlreadyExistsError(f"{self.uri(rel)} already exists") from None
             else:
                 try:
                     self.fs.pipe_file(path, data, mode="create")
@@ -673,6 +655,21 @@ class Storage:
         if self.is_local:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+
+def _write_local(path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
+    """Write ``data`` to a hidden temporary beside ``path``, fsync it, then ``publish(tmp, path)``
+    (``os.replace``: atomic swap; ``os.link``: create-exclusive). The temporary never outlives it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, path)
+    finally:
+        _remove_quietly(tmp)
 
 
 def _tmp_name(path: str) -> str:

@@ -38,6 +38,11 @@ def _entities(values: list[str] | None) -> list[str] | None:
     return [e.strip() for v in values for e in v.split(",") if e.strip()]
 
 
+def _given(a: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among ``names`` that were given on the command line (None means not given)."""
+    return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+
+
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage (credentials come from the environment or the config file)")
     g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
@@ -91,17 +96,13 @@ def backfill_config(argv: Sequence[str], prog: str = "raybc backfill"):
         bf["to_versions"] = _int_list("--to-versions", a.to_versions)
     if a.entity:
         bf["entities"] = _entities(a.entity)
-    for flag in ("rows_per_part", "batch_rows", "compression", "output_dtype", "max_concurrency"):
-        if getattr(a, flag) is not None:
-            bf[flag] = getattr(a, flag)
+    bf.update(_given(a, "rows_per_part", "batch_rows", "compression", "output_dtype", "max_concurrency"))
     if a.no_progress:
         bf["progress"] = False
     over: dict[str, Any] = {**_storage_overrides(a)}
     if bf:
         over["backfill"] = bf
-    for flag in ("root", "ray_address", "summary_json"):
-        if getattr(a, flag) is not None:
-            over[flag] = getattr(a, flag)
+    over.update(_given(a, "root", "ray_address", "summary_json"))
     return load_options(BackfillJobConfig, file=a.config, overrides=over)
 
 
@@ -173,9 +174,7 @@ def reconcile_config(argv: Sequence[str], prog: str = "raybc reconcile"):
         over["retention"] = ret
     if a.dry_run:
         over["dry_run"] = True
-    for flag in ("root", "ray_address", "summary_json"):
-        if getattr(a, flag) is not None:
-            over[flag] = getattr(a, flag)
+    over.update(_given(a, "root", "ray_address", "summary_json"))
     return load_options(ReconcileJobConfig, file=a.config, overrides=over)
 
 
@@ -335,9 +334,7 @@ def run_register(argv: Sequence[str]) -> int:
     _storage_flags(p)
     a = p.parse_args(argv)
     over: dict[str, Any] = {**_storage_overrides(a)}
-    for flag in ("root", "version", "aligner", "method"):
-        if getattr(a, flag) is not None:
-            over[flag] = getattr(a, flag)
+    over.update(_given(a, "root", "version", "aligner", "method"))
     if a.embeddings:
         pairs = {}
         for item in a.embeddings:
@@ -463,17 +460,13 @@ def train_config(argv: Sequence[str], prog: str = "raybc train"):
         train["method"] = a.method
     if a.dims is not None:
         train["dims"] = _int_list("--dims", a.dims)
-    for flag in ("epochs", "num_workers", "seed"):
-        if getattr(a, flag) is not None:
-            train[flag] = getattr(a, flag)
+    train.update(_given(a, "epochs", "num_workers", "seed"))
     if a.use_gpu:
         train["use_gpu"] = True
     over: dict[str, Any] = {**_storage_overrides(a)}
     if train:
         over["train"] = train
-    for flag in ("root", "dataset", "version", "ray_address"):
-        if getattr(a, flag) is not None:
-            over[flag] = getattr(a, flag)
+    over.update(_given(a, "root", "dataset", "version", "ray_address"))
     return load_options(TrainJobConfig, file=a.config, overrides=over)
 
 
@@ -529,15 +522,11 @@ def experiment_config(argv: Sequence[str], prog: str = "raybc experiment"):
 
     a = experiment_parser(prog).parse_args(argv)
     exp: dict[str, Any] = {}
-    for flag in ("dataset", "out", "profile", "versions"):
-        if getattr(a, flag) is not None:
-            exp[flag] = getattr(a, flag)
+    exp.update(_given(a, "dataset", "out", "profile", "versions"))
     if a.methods is not None:
         exp["methods"] = [m.strip() for m in a.methods.split(",") if m.strip()]
     over: dict[str, Any] = {"experiment": exp} if exp else {}
-    for flag in ("ray_address", "summary_json"):
-        if getattr(a, flag) is not None:
-            over[flag] = getattr(a, flag)
+    over.update(_given(a, "ray_address", "summary_json"))
     return load_options(ExperimentJobConfig, file=a.config, overrides=over)
 
 

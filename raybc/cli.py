@@ -483,7 +483,9 @@ def run_train_job(cfg) -> int:
     version = cfg.version if cfg.version is not None else (0 if latest is None else latest + 1)
     data = load_dataset(cfg.dataset, seed=cfg.train.seed)
     slices = temporal_versions(data)
-    ensure_ray(cfg.ray_address, num_cpus=None if cfg.ray_address else max(4, os.cpu_count() or 1))
+    # a local Ray gets at least 4 logical CPUs: Train workers and Data tasks must not starve each
+    # other on a 2-core machine (RAY_NOTES); a cluster's own resources are left alone
+    ensure_ray(cfg.ray_address, num_cpus=max(4, os.cpu_count() or 1))
     v = fit_version(root, data, slices, version=version, options=cfg.train)
     shown = {k: v.metrics[k] for k in ("recall@10", "recall@20", "recall@50", "recall@100", "best_epoch", "fit_seconds") if k in v.metrics}
     shown.update({k: x for k, x in v.metrics.items() if k.startswith("align_err_v")})

@@ -21,5 +21,12 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     kwargs: dict[str, Any] = {"address": target, "log_to_driver": True}
     if target == "local":
         kwargs["include_dashboard"] = False
-    kwargs.update(init_kwargs)
+    else:
+        # an existing cluster has its resources; Ray refuses num_cpus & co. when joining one
+        init_kwargs = {k: v for k, v in init_kwargs.items() if k not in _LOCAL_ONLY}
+    kwargs.update({k: v for k, v in init_kwargs.items() if v is not None})
     ray.init(**kwargs)
+
+
+# ray.init arguments that only apply when starting a new local Ray.
+_LOCAL_ONLY = {"num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard"}

@@ -138,6 +138,13 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
     for j in (0, 1):
         assert verify_snapshot(Registry(root), j, "items").ok
 
+    # training runs as a Ray job too: the job joins the cluster (RAY_ADDRESS) and publishes v0
+    train_root = tmp_path / "trained"
+    trained = submit(base + ["python", "jobs/train_version.py", "--root", str(train_root), "--dataset", "synthetic:200,120,3000",
+                             "--method", "no-bc", "--epochs", "3"], token)  # fmt: skip
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert Registry(Storage(str(train_root))).versions() == [0]
+
     # a failing job makes the CLI exit non-zero
     bad = submit(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"], token)
     assert bad.returncode != 0

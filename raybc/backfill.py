@@ -420,7 +420,6 @@ def plan_entity(
     parts = plan_parts(entity, [(f.name, f.row_groups) for f in files], options.rows_per_part)
     _check_ids_across_parts(store, parts, by_name)
 
-    all_plan = registry.plan(source, targets)
     run_id = run_fingerprint(
         {
             "source": source,
@@ -441,7 +440,7 @@ def plan_entity(
     if pending:
         done_by_target = [set(registry.root.list(run_dir(t, entity, source, run_id))) for t in pending]
         todo = [p for p in parts if not all(p.name in done for done in done_by_target)]
-    plan = registry.plan(source, pending) if pending else all_plan
+    plan = registry.plan(source, pending or targets)  # loads and checksums every B_k involved
     return EntityJob(entity, source, ef.dim, run_id, plan, pending, committed, parts, todo)
 
 

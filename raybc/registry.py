@@ -148,6 +148,7 @@ class Registry:
         self.root = root if isinstance(root, Storage) else Storage(root, options)
         self._versions: dict[int, Version] = {}
         self._aligners: dict[int, Transform] = {}
+        self._models: dict[int, ModelWeights] = {}
 
     def __repr__(self) -> str:
         return f"Registry({self.root.uri()!r})"
@@ -283,6 +284,8 @@ class Registry:
         """M_k's tensors and constructor arguments, checksum-verified."""
         from safetensors.numpy import load as st_load
 
+        if k in self._models:  # published weights are immutable: read and verify them once
+            return self._models[k]
         v = self.get(k)
         if v.model is None:
             raise RegistryError(f"v{k} has no model weights (it was registered from elsewhere)")
@@ -291,7 +294,8 @@ class Registry:
             tensors = st_load(data)
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types
             raise IntegrityError(f"v{k} {v.model.file} is not a readable safetensors file ({exc})") from None
-        return ModelWeights(tensors=tensors, spec=dict(v.model.spec))
+        self._models[k] = ModelWeights(tensors=tensors, spec=dict(v.model.spec))
+        return self._models[k]
 
     def plan(self, source: int, targets: Iterable[int]) -> FanOutPlan:
         """The fused fan-out transform from ``source`` to every version in ``targets``."""

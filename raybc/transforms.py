@@ -414,16 +414,3 @@ class FanOutPlan:
 def chain_steps(steps: Mapping[int, Transform], source_version: int, target_version: int) -> list[Transform]:
     """[B_k, B_{k-1}, ..., B_{j+1}] in application order."""
     return [steps[v] for v in range(source_version, target_version, -1)]
-
-
-def fingerprint(steps: Sequence[Transform]) -> str:
-    """A short digest of the weights and specs of ``steps`` (identifies a fused transform)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for s in steps:
-        h.update(json.dumps(s.spec(), sort_keys=True).encode())
-        for name, arr in sorted(s.tensors().items()):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(arr, dtype=np.float32).tobytes())
-    return h.hexdigest()[:16]

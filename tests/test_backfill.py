@@ -7,12 +7,14 @@ cluster over a local folder and a real S3 server on loopback.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raybc.backfill import BackfillOptions, Part, backfill, id_overlap_groups, plan_parts, run_fingerprint
 from raybc.data.synthetic import build_registry
 from raybc.embeddings import read_matrix
+from raybc.errors import InputDataError
 from raybc.registry import Registry
 from raybc.snapshots import Snapshots, verify_snapshot
 
@@ -181,3 +183,24 @@ def test_float16_output_halves_the_bytes_within_half_precision(tmp_path, ray_ses
     assert rel.max() < 1e-3  # float16 keeps ~3 decimal digits
     assert sum(f["bytes"] for f in snap.manifest["files"]) < 0.6 * ref_bytes
     assert verify_snapshot(reg, 0, "items").max_rel_error < 1e-3
+
+
+def test_half_conversion_has_numpy_bits_and_finite_check_survives_float32_overflow():
+    from raybc.backfill import HALF_MAX, _to_half
+    from raybc.embeddings import check_finite
+
+    rng = np.random.default_rng(0)
+    mat = (rng.standard_normal((2_000, 64)) * np.logspace(-8, 4, 64)).astype(np.float32)
+    mat[0, :4] = [65519.0, -65519.0, 6e-8, 1e-9]  # rounds to max, to -max, subnormal, to zero
+    out = _to_half(mat, np.empty(mat.shape, np.float16), pa.array(np.arange(2_000)), where="t", row_offset=0)
+    assert np.array_equal(out.view(np.uint16), mat.astype(np.float16).view(np.uint16))
+    assert out[0, 0] == HALF_MAX and out[0, 1] == -HALF_MAX
+    mat[5, 9] = 65520.0  # the first float32 that float16 rounds to Inf
+    with pytest.raises(InputDataError, match=r"t: row 105 \(id 5\) has a value of magnitude 6.552e\+04"):
+        _to_half(mat, np.empty(mat.shape, np.float16), pa.array(np.arange(2_000)), where="t", row_offset=100)
+    # finite rows whose float32 sum overflows are not bad input; a real Inf among them is
+    big = np.full((10, 8), 3e38, np.float32)
+    check_finite(big, pa.array(np.arange(10)), source="f", row_offset=0)
+    big[7, 3] = np.inf
+    with pytest.raises(InputDataError, match=r"f: row 7 \(id 7\) holds Inf \(1 bad row in this batch\)"):
+        check_finite(big, pa.array(np.arange(10)), source="f", row_offset=0)

@@ -198,3 +198,15 @@ def test_fixed_input_then_completes(committed):
     assert snapshot_state(root) != before
     for j in (0, 1):
         assert verify_snapshot(Registry(root), j, "items").ok
+
+
+def test_float16_output_refuses_values_beyond_half_range_and_commits_nothing(committed):
+    root, before = committed
+    ids, mat = good_rows()
+    mat[77] *= 1e6  # finite float32, but v0 values of ~1e6 have no float16 (max 65504)
+    rewrite(root, make_table(ids, mat))
+    with pytest.raises(InputDataError, match=r"part-00001.parquet -> v\d: row 77 \(id 1077\) has a value of magnitude .* beyond float16's 65504; backfill this target with output_dtype float32"):
+        backfill(root, BackfillOptions(output_dtype="float16", progress=False))
+    assert snapshot_state(root) == before
+    backfill(root, BackfillOptions(output_dtype="float32", progress=False))  # the same rows fit float32
+    assert snapshot_state(root) != before

@@ -11,6 +11,7 @@ from raybc.transforms import (
     FanOutPlan,
     Linear,
     ResidualMLP,
+    Scratch,
     apply_steps,
     chain_steps,
     compose_steps,
@@ -58,6 +59,27 @@ def test_fused_matches_step_by_step(length, kind):
         ref = apply_steps(chain_steps(steps, k, j), z)
         assert out[j].dtype == np.float32 and out[j].shape == (500, dims[j])
         assert rel_err(out[j], ref) < REL_TOL, (kind, length, j)
+
+
+@pytest.mark.parametrize("kind", ["linear", "nonlinear-middle", "affine-mixed"])
+def test_scratch_buffers_give_the_same_results_batch_after_batch(kind):
+    dims = [24, 32, 40, 48]
+    steps = random_chain(dims, nonlinear_at={2} if kind == "nonlinear-middle" else set(), affine_at={1, 3} if kind == "affine-mixed" else set())
+    for targets in ([2], [0, 1, 2]):
+        plan = FanOutPlan(3, targets, steps)
+        scratch = Scratch()
+        rng = np.random.default_rng(3)
+        held = []
+        for n in (300, 300, 120, 500):  # same size (reuse), smaller (a view), larger (regrown)
+            z = rng.standard_normal((n, 48)).astype(np.float32)
+            got, ref = plan.apply(z, scratch=scratch), plan.apply(z)
+            for j in targets:
+                assert got[j].flags.c_contiguous and got[j].shape == ref[j].shape
+                np.testing.assert_array_equal(got[j], ref[j])
+            held.append((got, ref))
+        # the contract of a scratch: results are overwritten by the next call (write them first)
+        first_got, first_ref = held[0]
+        assert not np.array_equal(first_got[targets[0]], first_ref[targets[0]])
 
 
 def test_all_linear_chain_is_one_matmul_for_every_target():

@@ -1,18 +1,23 @@
 """Benchmark: the Ray backfill against a bare single-process pyarrow+numpy loop, on the same files.
 
     python jobs/bench_backfill.py --rows 2000000 --dim 256 --workdir /tmp/raybc-bench --json docs/bench.json
+    python jobs/bench_backfill.py --rows 50000000 --files 400 --scale --output-dtype float16   # scale run
 
 Builds (or reuses) a synthetic root with versions v0..v10: v10 has ``--dim`` dimensions, every
-older version ``--out-dim``, linear B's. Then, in one process and one run, measures:
+older version ``--out-dim``, linear B's. Then, in one process and one run, measures (``--cases``):
 
-- baseline: read -> fused matmul (v10 -> v9) -> write, file by file, one process, same writer settings;
+- baseline: read -> ``z @ W`` -> write, file by file, one process (numpy's BLAS and pyarrow may use
+  threads; the CPU cores it used are reported), with raybc's writer settings; ``defaults``: the
+  same loop with pyarrow's default writer, as a first loop would be written;
 - throughput: the Ray backfill v10 -> v9 (ratio to the baseline, target >= 1.6x);
 - distance: v10 -> v0 against v10 -> v9 (fusion makes distance free, target <= 1.1x);
-- fan-out: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x);
+- fanout: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x); ``separate``:
+  the same four targets as four jobs;
 - float16 output: bytes written, time, and precision against float64 step by step;
 - memory: peak RSS of the whole job (driver + Ray workers) at ``--rows`` and 10x ``--rows``
   (``--memory``; target growth < 1.2x);
-and prints a table (rows/s, GB/s, peak RSS, ratios), also written as JSON with ``--json``.
+and prints a table (rows/s, GB/s in and out, peak RSS, ratios), also written as JSON with ``--json``.
+``--scale`` runs one backfill only (rows/s, GB/s, peak RSS) and removes its output afterwards.
 Runs the same way against S3 (``--workdir s3://bucket/prefix`` plus the usual AWS variables).
 """
 
@@ -22,8 +27,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -37,7 +44,7 @@ from raybc.embeddings import EMBEDDING, ID, WRITER_OPTIONS, make_batch, read_mat
 from raybc.registry import Registry
 from raybc.snapshots import Snapshots
 from raybc.storage import Storage
-from raybc.transforms import Affine, apply_steps, chain_steps
+from raybc.transforms import Affine, apply_steps, chain_steps, compose_steps
 
 # Versions of the bench root: v10 is the source, v0..v9 the targets (distance 1 to 10).
 SOURCE = 10
@@ -67,27 +74,30 @@ def build_root(root: Storage, *, rows: int, dim: int, out_dim: int, files: int, 
     return reg
 
 
-def baseline_loop(reg: Registry, out: str, *, target: int) -> float:
-    """Bare single-process read -> matmul -> write over the same files; returns seconds."""
-    w = reg.plan(SOURCE, [target])
+def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict | None = None) -> tuple[float, float]:
+    """Bare single-process loop over the same files: read a batch, ``z @ W`` with numpy (W fused
+    once, as any loop would), write it; returns (seconds, CPU cores used on average).
+
+    ``writer_options=None``: pyarrow's default writer (dictionary encoding tried on every column,
+    statistics on every column), as a first loop would be written; otherwise those options."""
+    steps = chain_steps({v: reg.aligner(v) for v in range(SOURCE, target, -1)}, SOURCE, target)
+    (fused,) = compose_steps(steps)  # the bench chain is linear: one matrix
+    w = np.ascontiguousarray(np.asarray(fused.weight, np.float64).T.astype(np.float32))
     src = reg.embeddings_storage(SOURCE, "items")
     os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for f in reg.get(SOURCE).embeddings["items"].files:
         with src.open_input(f.path) as fin:
-            pf = pq.ParquetFile(fin)
             writer = None
-            for batch in pf.iter_batches(batch_size=65_536, columns=[ID, EMBEDDING], use_threads=False):
+            for batch in pq.ParquetFile(fin).iter_batches(batch_size=65_536, columns=[ID, EMBEDDING]):
                 col = batch.column(1)
-                z = col.values.to_numpy().reshape(len(col), -1)
-                y = w.apply(z)[target]
-                rb = make_batch(batch.column(0), y)
+                y = col.values.to_numpy().reshape(len(col), -1) @ w
                 if writer is None:
-                    path = os.path.join(out, f.path)
-                    writer = pq.ParquetWriter(path, table_schema(y.shape[1]), compression="none", **WRITER_OPTIONS)
-                writer.write_batch(rb)
+                    writer = pq.ParquetWriter(os.path.join(out, f.path), table_schema(y.shape[1]), compression="none", **(writer_options or {}))
+                writer.write_batch(make_batch(batch.column(0), y))
             writer.close()
-    return time.perf_counter() - t0
+    seconds, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / seconds
 
 
 class RssSampler:
@@ -167,6 +177,9 @@ def ray_backfill(root: Storage, targets: list[int], **opts) -> tuple[float, int]
     return dt, rss.peak
 
 
+CASES = ("baseline", "defaults", "throughput", "distance", "fanout", "separate", "float16")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jobs/bench_backfill.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2_000_000)
@@ -177,9 +190,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray (ignored with --ray-address)")
     p.add_argument("--ray-address")
     p.add_argument("--repeats", type=int, default=2, help="runs per measurement; the best is kept")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--memory", action="store_true", help="also measure peak RSS at 10x the rows")
+    p.add_argument("--scale", action="store_true", help="only one Ray backfill v10 -> v9 (--output-dtype), once, then remove its output")
+    p.add_argument("--output-dtype", default="float32", choices=["float32", "float16"], help="output of the --scale run")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    cases = set(a.cases.split(","))
+    if cases - set(CASES):
+        p.error(f"--cases: unknown {sorted(cases - set(CASES))}; choose from {', '.join(CASES)}")
 
     import ray
 
@@ -189,48 +208,77 @@ def main(argv: list[str]) -> int:
     reg = build_root(root, rows=a.rows, dim=a.dim, out_dim=a.out_dim, files=a.files)
     print(f"[bench] input ready in {time.perf_counter() - t:.1f} s: {a.rows:,} rows x {a.dim} in {a.files} files at {root.uri()}")
     in_bytes = a.rows * a.dim * 4
+    results: dict[str, dict] = {}
 
-    def best(fn, n=a.repeats):
-        runs = [fn() for _ in range(n)]
-        return min(runs, key=lambda r: r[0] if isinstance(r, tuple) else r)
+    def record(name: str, seconds: float, *, rows: int = a.rows, rss: int = 0, out_bytes: int | None = None, cores: float | None = None) -> None:
+        results[name] = {"case": name, "seconds": seconds, "rows": rows, "rows_per_s": rows / seconds,
+                         "input_gb_per_s": rows * a.dim * 4 / seconds / 1e9, "peak_rss_gb": rss / 1e9}  # fmt: skip
+        if out_bytes is not None:
+            results[name]["output_gb_per_s"] = out_bytes / seconds / 1e9
+        if cores is not None:
+            results[name]["cpu_cores_used"] = cores
 
-    base_dir = os.path.join(a.workdir, "baseline-out")
-    ray_backfill(root, [SOURCE - 1])  # warm Ray workers and the page cache once
-    results = {}
-    shutil.rmtree(base_dir, ignore_errors=True)
-    results["baseline v10->v9 (1 process)"] = (best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1)), 0)
-    results["ray v10->v9"] = best(lambda: ray_backfill(root, [SOURCE - 1]))
-    f32_bytes = snapshot_bytes(reg, SOURCE - 1)
-    results["ray v10->v0"] = best(lambda: ray_backfill(root, [0]))
-    results["ray v10->v9,v8,v7,v6"] = best(lambda: ray_backfill(root, [9, 8, 7, 6]))
-    results["ray v10->v9 float16 output"] = best(lambda: ray_backfill(root, [SOURCE - 1], output_dtype="float16"))
-    half = half_precision_report(reg, target=SOURCE - 1)
-    if a.memory:
-        big = Storage(os.path.join(a.workdir, f"root-{a.rows * 10}x{a.dim}"))
-        build_root(big, rows=a.rows * 10, dim=a.dim, out_dim=a.out_dim, files=a.files * 10)
-        results[f"ray v10->v9 at 10x rows ({a.rows * 10:,})"] = ray_backfill(big, [SOURCE - 1])
+    def best(fn):
+        return min((fn() for _ in range(a.repeats)), key=lambda r: r[0])
 
-    base = results["baseline v10->v9 (1 process)"][0]
-    one = results["ray v10->v9"]
-    rows_out = []
-    for name, (sec, rss) in results.items():
-        n = a.rows * (10 if "10x" in name else 1)
-        rows_out.append({"case": name, "seconds": sec, "rows_per_s": n / sec, "input_gb_per_s": n * a.dim * 4 / sec / 1e9, "peak_rss_gb": rss / 1e9})
-    ratios = {
-        "throughput: ray / baseline rows/s (target >= 1.6)": base / one[0],
-        "distance: v10->v0 / v10->v9 time (target <= 1.1)": results["ray v10->v0"][0] / one[0],
-        "fan-out: 4 targets / 1 target time (target <= 1.6)": results["ray v10->v9,v8,v7,v6"][0] / one[0],
-    }
-    ratios["float16 output: bytes written / float32"] = half["bytes"] / f32_bytes
-    ratios["float16 output: time / float32"] = results["ray v10->v9 float16 output"][0] / one[0]
-    ratios["float16 output: max row relative error vs float64"] = half["max_rel_error"]
-    ratios["float16 output: mean row relative error vs float64"] = half["mean_rel_error"]
-    if a.memory:
-        big_rss = results[f"ray v10->v9 at 10x rows ({a.rows * 10:,})"][1]
-        ratios["memory: peak RSS at 10x rows / at 1x (target < 1.2)"] = big_rss / one[1]
-    print(f"\n{'case':<40} {'seconds':>9} {'rows/s':>12} {'GB/s in':>8} {'peak RSS GB':>12}")
-    for r in rows_out:
-        print(f"{r['case']:<40} {r['seconds']:>9.2f} {r['rows_per_s']:>12,.0f} {r['input_gb_per_s']:>8.3f} {r['peak_rss_gb']:>12.2f}")
+    ratios: dict[str, float] = {}
+    if a.scale:
+        sec, rss = ray_backfill(root, [SOURCE - 1], output_dtype=a.output_dtype)
+        record(f"ray v10->v9 ({a.output_dtype} output)", sec, rss=rss, out_bytes=snapshot_bytes(reg, SOURCE - 1))
+        root.remove("snapshots", recursive=True)
+    else:
+        ray_backfill(root, [SOURCE - 1])  # warm Ray workers and the page cache once
+        local = "://" not in a.workdir
+        base_dir = os.path.join(a.workdir, "baseline-out") if local else tempfile.mkdtemp(prefix="raybc-bench-")
+        if "baseline" in cases:
+            sec, cores = best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1, writer_options=WRITER_OPTIONS))
+            record("baseline v10->v9 (1 process, raybc writer)", sec, cores=cores)
+        if "defaults" in cases:
+            sec, cores = best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1))
+            record("baseline v10->v9 (1 process, pyarrow defaults)", sec, cores=cores)
+        shutil.rmtree(base_dir, ignore_errors=True)
+        sec, rss = best(lambda: ray_backfill(root, [SOURCE - 1]))
+        f32_bytes = snapshot_bytes(reg, SOURCE - 1)
+        record("ray v10->v9", sec, rss=rss, out_bytes=f32_bytes)
+        one = sec
+        if "baseline" in cases:
+            ratios["throughput: ray / baseline rows/s (target >= 1.6)"] = results["baseline v10->v9 (1 process, raybc writer)"]["seconds"] / one
+        if "defaults" in cases:
+            ratios["throughput: ray / baseline with pyarrow's default writer"] = results["baseline v10->v9 (1 process, pyarrow defaults)"]["seconds"] / one
+        if "distance" in cases:
+            sec, rss = best(lambda: ray_backfill(root, [0]))
+            record("ray v10->v0", sec, rss=rss)
+            ratios["distance: v10->v0 / v10->v9 time (target <= 1.1)"] = sec / one
+        if "fanout" in cases:
+            sec, rss = best(lambda: ray_backfill(root, [9, 8, 7, 6]))
+            record("ray v10->v9,v8,v7,v6 (one pass)", sec, rss=rss, out_bytes=4 * f32_bytes)
+            ratios["fan-out: 4 targets / 1 target time (target <= 1.6)"] = sec / one
+        if "separate" in cases:
+            sec = sum(best(lambda: ray_backfill(root, [t]))[0] for t in (9, 8, 7, 6))
+            record("ray v10->v9, v8, v7, v6 (4 separate jobs)", sec, out_bytes=4 * f32_bytes)
+            if "fanout" in cases:
+                ratios["fan-out: one pass / 4 separate jobs"] = results["ray v10->v9,v8,v7,v6 (one pass)"]["seconds"] / sec
+        if "float16" in cases:
+            sec, rss = best(lambda: ray_backfill(root, [SOURCE - 1], output_dtype="float16"))
+            half = half_precision_report(reg, target=SOURCE - 1)
+            record("ray v10->v9 float16 output", sec, rss=rss, out_bytes=half["bytes"])
+            ratios["float16 output: bytes written / float32"] = half["bytes"] / f32_bytes
+            ratios["float16 output: time / float32"] = sec / one
+            ratios["float16 output: max row relative error vs float64"] = half["max_rel_error"]
+            ratios["float16 output: mean row relative error vs float64"] = half["mean_rel_error"]
+        if a.memory:
+            big = Storage(os.path.join(a.workdir, f"root-{a.rows * 10}x{a.dim}"))
+            build_root(big, rows=a.rows * 10, dim=a.dim, out_dim=a.out_dim, files=a.files * 10)
+            sec, rss = ray_backfill(big, [SOURCE - 1])
+            record(f"ray v10->v9 at 10x rows ({a.rows * 10:,})", sec, rows=a.rows * 10, rss=rss)
+            ratios["memory: peak RSS at 10x rows / at 1x (target < 1.2)"] = rss / results["ray v10->v9"]["peak_rss_gb"] / 1e9
+
+    print(f"\n{'case':<48} {'seconds':>8} {'rows/s':>11} {'GB/s in':>8} {'GB/s out':>8} {'peak RSS GB':>11} {'cores':>5}")
+    for r in results.values():
+        out = f"{r['output_gb_per_s']:8.3f}" if "output_gb_per_s" in r else f"{'-':>8}"
+        rss = f"{r['peak_rss_gb']:11.2f}" if r["peak_rss_gb"] else f"{'-':>11}"
+        cores = f"{r['cpu_cores_used']:5.2f}" if "cpu_cores_used" in r else f"{'-':>5}"
+        print(f"{r['case']:<48} {r['seconds']:8.2f} {r['rows_per_s']:11,.0f} {r['input_gb_per_s']:8.3f} {out} {rss} {cores}")
     print()
     for k, v in ratios.items():
         print(f"{k:<58} {v:9.2e}" if v < 0.01 else f"{k:<58} {v:6.2f}")
@@ -238,7 +286,7 @@ def main(argv: list[str]) -> int:
         info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
                 "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv}  # fmt: skip
         with open(a.json, "w") as f:
-            json.dump({"setup": info, "cases": rows_out, "ratios": ratios}, f, indent=2)
+            json.dump({"setup": info, "cases": list(results.values()), "ratios": ratios}, f, indent=2)
     ray.shutdown()
     return 0
 

@@ -177,6 +177,12 @@ def ray_backfill(root: Storage, targets: list[int], **opts) -> tuple[float, int]
     return dt, rss.peak
 
 
+def start_ray(a: argparse.Namespace) -> None:
+    import ray
+
+    ray.init(address=a.ray_address or "local", **({} if a.ray_address else {"num_cpus": a.cpus, "include_dashboard": False}))
+
+
 CASES = ("baseline", "defaults", "throughput", "distance", "fanout", "separate", "float16")
 
 
@@ -200,9 +206,6 @@ def main(argv: list[str]) -> int:
     if cases - set(CASES):
         p.error(f"--cases: unknown {sorted(cases - set(CASES))}; choose from {', '.join(CASES)}")
 
-    import ray
-
-    ray.init(address=a.ray_address or "local", **({} if a.ray_address else {"num_cpus": a.cpus, "include_dashboard": False}))
     root = Storage(os.path.join(a.workdir, f"root-{a.rows}x{a.dim}"))
     t = time.perf_counter()
     reg = build_root(root, rows=a.rows, dim=a.dim, out_dim=a.out_dim, files=a.files)
@@ -223,11 +226,13 @@ def main(argv: list[str]) -> int:
 
     ratios: dict[str, float] = {}
     if a.scale:
+        start_ray(a)
         sec, rss = ray_backfill(root, [SOURCE - 1], output_dtype=a.output_dtype)
         record(f"ray v10->v9 ({a.output_dtype} output)", sec, rss=rss, out_bytes=snapshot_bytes(reg, SOURCE - 1))
         root.remove("snapshots", recursive=True)
     else:
-        ray_backfill(root, [SOURCE - 1])  # warm Ray workers and the page cache once
+        # The baselines run before Ray starts: an idle local Ray (GCS, raylet, workers) would take
+        # CPU from them. Their first run warms the page cache for both sides.
         local = "://" not in a.workdir
         base_dir = os.path.join(a.workdir, "baseline-out") if local else tempfile.mkdtemp(prefix="raybc-bench-")
         if "baseline" in cases:
@@ -237,6 +242,8 @@ def main(argv: list[str]) -> int:
             sec, cores = best(lambda: baseline_loop(reg, base_dir, target=SOURCE - 1))
             record("baseline v10->v9 (1 process, pyarrow defaults)", sec, cores=cores)
         shutil.rmtree(base_dir, ignore_errors=True)
+        start_ray(a)
+        ray_backfill(root, [SOURCE - 1])  # start Ray's workers (and warm the page cache) once
         sec, rss = best(lambda: ray_backfill(root, [SOURCE - 1]))
         f32_bytes = snapshot_bytes(reg, SOURCE - 1)
         record("ray v10->v9", sec, rss=rss, out_bytes=f32_bytes)
@@ -288,6 +295,8 @@ def main(argv: list[str]) -> int:
                 "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv}  # fmt: skip
         with open(a.json, "w") as f:
             json.dump({"setup": info, "cases": list(results.values()), "ratios": ratios}, f, indent=2)
+    import ray
+
     ray.shutdown()
     return 0
 

@@ -11,7 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raybc.backfill import BackfillOptions, Part, backfill, id_overlap_groups, plan_parts, run_fingerprint
+from raybc.backfill import (
+    BackfillOptions,
+    Part,
+    backfill,
+    group_parts,
+    id_overlap_groups,
+    plan_parts,
+    rows_per_task,
+    run_fingerprint,
+)
 from raybc.data.synthetic import build_registry
 from raybc.embeddings import read_matrix
 from raybc.errors import InputDataError
@@ -36,6 +45,25 @@ def test_plan_parts_splits_at_row_groups_and_is_deterministic():
     assert parts == plan_parts("items", files, rows_per_part=20)
     assert len({p.name for p in parts}) == len(parts)
     assert sum(p.rows for p in parts) == 95
+
+
+def test_small_parts_share_write_tasks_in_order_and_slots_stay_busy():
+    files = [(f"f{i}.parquet", [125]) for i in range(16)] + [("big.parquet", [900]), ("tail.parquet", [100])]
+    parts = plan_parts("items", files, rows_per_part=1_000)
+    total = sum(p.rows for p in parts)
+    # 2 slots: two waves of tasks -> ceil(3000 / 4) = 750 rows per task
+    per_task = rows_per_task(total, BackfillOptions(rows_per_part=1_000), cluster_cpus=2)
+    assert per_task == 750
+    groups = group_parts(parts, per_task)
+    assert [p for g in groups for p in g] == parts  # every part once, in order
+    assert [sum(p.rows for p in g) for g in groups] == [750, 750, 500, 900, 100]  # the 900-row part goes alone
+    assert group_parts(parts, per_task) == groups
+    # many slots: one part per task; a cap from max_concurrency or cpus_per_task; rows_per_part bounds it
+    assert rows_per_task(total, BackfillOptions(rows_per_part=1_000), cluster_cpus=64) == 24
+    assert rows_per_task(total, BackfillOptions(rows_per_part=1_000, max_concurrency=1), cluster_cpus=64) == 1_000
+    assert rows_per_task(total, BackfillOptions(rows_per_part=1_000, cpus_per_task=2), cluster_cpus=2) == 1_000
+    assert rows_per_task(total, BackfillOptions(), cluster_cpus=0) == 1  # no CPUs known yet: a part per task
+    assert all(len(g) == 1 for g in group_parts(parts, 1))
 
 
 def test_id_overlap_groups():
@@ -83,6 +111,7 @@ def test_backfill_100k_rows_every_id_once_and_second_run_writes_nothing(storage_
     assert summary.committed == [f"as-v{j}/items" for j in range(4)]
     assert summary.input_rows == rows and summary.rows_written == 4 * rows
     assert summary.parts_run == 7  # files of 30k/30k/30k/10k rows in 20k-row parts: 2+2+2+1
+    assert 1 <= summary.tasks <= summary.parts_run
 
     snaps = Snapshots(storage_root)
     for j in range(4):
@@ -160,6 +189,21 @@ def test_snapshot_is_readable_as_ray_dataset_and_plain_parquet(tmp_path, ray_ses
     plain = pq.read_table(root.path(snap.files[0]))  # any Parquet reader, no raybc
     assert plain.schema.field("embedding").type.list_size == DIMS[0]
     assert Registry(root).get(2).embeddings["items"].rows == 2_500
+
+
+@pytest.mark.cluster
+def test_many_small_files_share_write_tasks_and_every_row_lands_once(tmp_path, ray_session):
+    from raybc.storage import Storage
+
+    root = Storage(str(tmp_path / "root"))
+    reg = build_registry(root, dims=DIMS[:3], rows=12_000, entities=["items"], rows_per_file=1_000)
+    summary = backfill(root, BackfillOptions(max_concurrency=1, progress=False))
+    assert (summary.parts_run, summary.tasks) == (12, 2)  # one slot: two waves of 6 parts
+    assert "write tasks" in summary.table()
+    for j in (0, 1):
+        v = verify_snapshot(reg, j, "items")
+        assert v.ids_match and v.rows == 12_000 and v.max_rel_error < 1e-5
+        assert len(Snapshots(root).get(j, "items").manifest["files"]) == 12  # still one file per part
 
 
 @pytest.mark.cluster

@@ -292,7 +292,8 @@ def main(argv: list[str]) -> int:
         print(f"{k:<58} {v:9.2e}" if v < 0.01 else f"{k:<58} {v:6.2f}")
     if a.json:
         info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
-                "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv}  # fmt: skip
+                "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv,
+                "blas_env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}}  # fmt: skip
         with open(a.json, "w") as f:
             json.dump({"setup": info, "cases": list(results.values()), "ratios": ratios}, f, indent=2)
     import ray

@@ -143,6 +143,11 @@ class Part:
     def name(self) -> str:
         return f"part-{self.file_index:05d}-{self.rg_start:05d}.parquet"
 
+    @property
+    def key(self) -> str:
+        """Unique across the entities of one backfill: what the write tasks' rows carry."""
+        return f"{self.entity}/{self.name}"
+
 
 def plan_parts(entity: str, files: Sequence[tuple[str, Sequence[int]]], rows_per_part: int) -> list[Part]:
     """Split files into parts of at most ``rows_per_part`` rows, at row-group boundaries.
@@ -491,7 +496,7 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
 
 
 def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
-    t0, started = time.perf_counter(), time.time()
+    t0 = time.perf_counter()
     src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
     targets = ctx.plan.targets
@@ -544,7 +549,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
             if dup is not None:
                 raise InputDataError(f"{uri}: id {dup!r} occurs more than once; every id must appear exactly once")
     seconds = time.perf_counter() - t0
-    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds, "started": started}
+    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds}
 
 
 HALF_MAX = float(np.finfo(np.float16).max)  # 65504; from 65520 on, float16 rounds to Inf
@@ -732,13 +737,13 @@ def backfill(
             )
             for j in active
         }
-        keys = {f"{p.entity}/{p.name}": p for p in todo}
+        keys = {p.key: p for p in todo}
         sink = BackfillSink(ctxs, keys, commit)
         ensure_ray(ray_address)
         crash_point("before_write")
         tasks = group_parts(todo, rows_per_task(summary.input_rows, options, ray.cluster_resources().get("CPU", 0)))
         summary.tasks = len(tasks)
-        ds = ray.data.from_arrow([pa.table({"part": [f"{p.entity}/{p.name}" for p in g]}) for g in tasks])
+        ds = ray.data.from_arrow([pa.table({"part": [p.key for p in g]}) for g in tasks])
         # Settings of this dataset only (the caller's DataContext stays as it was). The pipeline is
         # one operator that reads and writes storage itself, so Ray Data's per-operator resource
         # reservation only holds CPUs back: with it, a 2-CPU cluster ran the first three parts one

@@ -417,10 +417,11 @@ class FanOutPlan:
             if b.stacked is not None:
                 # one GEMM for every output of this base
                 y = x @ b.stacked if scratch is None else np.matmul(x, b.stacked, out=scratch.get((i, "y"), n, b.stacked.shape[1]))
-                whole = len(b.slices) == 1
                 for name, sl, bias in b.slices:
-                    if whole or scratch is None:
-                        part = np.ascontiguousarray(y[:, sl])  # the whole of y: no copy
+                    if len(b.slices) == 1:
+                        part = y  # the one output is all of y
+                    elif scratch is None:
+                        part = np.ascontiguousarray(y[:, sl])
                     else:
                         part = scratch.get((i, name), n, sl.stop - sl.start)
                         np.copyto(part, y[:, sl])

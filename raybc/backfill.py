@@ -59,7 +59,7 @@ from raybc.options import Options
 from raybc.registry import FileEntry, Registry, version_dir
 from raybc.runtime import ensure_ray
 from raybc.snapshots import Snapshots, crash_point, run_dir
-from raybc.storage import IO_THREADS, Storage, check_segment, is_transient, retry_transient
+from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
 from raybc.transforms import FanOutPlan, Scratch
 
 log = logging.getLogger(__name__)
@@ -334,11 +334,7 @@ class BackfillSummary:
         return {**asdict(self), "rows_per_s": self.rows_per_s, "nothing_to_do": self.nothing_to_do}
 
 
-def _stamp(info: dict[str, Any]) -> str:
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "generation"):
-        if info.get(key) is not None:
-            return str(info[key])
-    return ""
+_stamp = file_stamp
 
 
 def _read_footer(store: Storage, name: str) -> pq.FileMetaData:

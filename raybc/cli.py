@@ -318,39 +318,105 @@ Read one with raybc, pandas or pyarrow:
 # --------------------------------------------------------------------------- registry commands
 
 
-def run_register(argv: Sequence[str]) -> int:
+def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Publish a version trained elsewhere from its z_k Parquet files, with B_k given (--aligner) or fitted "
+        "from the ids z_k shares with the stored z_{k-1} (--fit-aligner). Validation, the id join and the copy run in Ray tasks.",
+    )
+    p.add_argument("--config", help="YAML file with a register config (flags override it)")
+    p.add_argument("--root")
+    p.add_argument("--version", type=int)
+    p.add_argument("--embeddings", action="append", metavar="ENTITY=URI", help="z_k of an entity: a Parquet file or folder; once per entity")
+    p.add_argument("--aligner", help="B_k as .npy or .safetensors; not for v0")
+    p.add_argument("--aligner-layout", choices=["out_in", "in_out"],
+                   help="out_in: (d_{k-1}, d_k), y = B z (torch.nn.Linear weight); in_out: (d_k, d_{k-1}), y = z @ B. Required for a square B")  # fmt: skip
+    p.add_argument("--fit-aligner", choices=["linear", "affine", "orthogonal", "residual_mlp"], help="fit B_k from the shared ids instead")
+    p.add_argument("--fit-rows", help="pairs to sample by id hash for the fit (default 1000000; 'all': every shared id)")
+    p.add_argument("--holdout", type=float, help="share of sampled ids held out to report the error (default 0.1)")
+    p.add_argument("--ridge", type=float, help="ridge penalty for linear/affine (default 0)")
+    p.add_argument("--hidden", type=int, help="residual_mlp hidden units")
+    p.add_argument("--epochs", type=int, help="residual_mlp epochs")
+    p.add_argument("--num-workers", type=int, help="residual_mlp Ray Train workers (0: in-process)")
+    p.add_argument("--use-gpu", action="store_true", help="residual_mlp on GPU workers")
+    p.add_argument("--in-place", action="store_true", help="leave the files where they are (size and ETag/mtime recorded; later changes refused)")
+    p.add_argument("--check-rows", type=int, help="shared ids sampled to measure a given B (default 100000; 0: skip)")
+    p.add_argument("--method", help="method name to record (default: external)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--summary-json", help="also write the published manifest as JSON to this local file")
+    _storage_flags(p)
+    return p
+
+
+def register_config(argv: Sequence[str], prog: str = "raybc register"):
     from raybc.config import RegisterConfig
     from raybc.options import load_options
+
+    a = register_parser(prog).parse_args(argv)
+    over: dict[str, Any] = {**_storage_overrides(a)}
+    over.update(_given(a, "root", "version", "aligner", "method", "ray_address", "summary_json"))
+    if a.embeddings:
+        pairs: dict[str, str] = {}
+        problems = []
+        for item in a.embeddings:
+            if "=" not in item:
+                problems.append(f"--embeddings: expected ENTITY=URI, got {item!r}")
+                continue
+            e, uri = (x.strip() for x in item.split("=", 1))
+            if e in pairs:
+                problems.append(f"--embeddings: entity {e!r} given twice ({pairs[e]} and {uri}); give each entity once, "
+                                "with a folder holding all its files")  # fmt: skip
+            pairs[e] = uri
+        if problems:
+            raise ConfigError(problems)
+        over["embeddings"] = pairs
+    reg: dict[str, Any] = _given(a, "aligner_layout", "check_rows")
+    if a.in_place:
+        reg["in_place"] = True
+    fit: dict[str, Any] = {}
+    if a.fit_aligner is not None:
+        fit["kind"] = a.fit_aligner
+    if a.fit_rows is not None:
+        if a.fit_rows.strip().lower() == "all":
+            fit["fit_rows"] = None
+        else:
+            try:
+                fit["fit_rows"] = int(a.fit_rows)
+            except ValueError:
+                raise ConfigError([f"--fit-rows: expected a number of pairs or 'all', got {a.fit_rows!r}"]) from None
+    fit.update(_given(a, "holdout", "ridge", "hidden", "epochs", "num_workers"))
+    if a.use_gpu:
+        fit["use_gpu"] = True
+    if fit:
+        if a.fit_aligner is None and a.config is None:
+            raise ConfigError(["--fit-rows/--holdout/--ridge/...: these tune a fit; add --fit-aligner KIND"])
+        reg["fit"] = fit
+    if reg:
+        over["register"] = reg
+    return load_options(RegisterConfig, file=a.config, overrides=over)
+
+
+def run_register_job(cfg) -> int:
     from raybc.registry import Registry
     from raybc.storage import Storage
 
-    p = argparse.ArgumentParser(prog="raybc register", description="Publish a version trained elsewhere from its z_k Parquet and B_k matrix.")
-    p.add_argument("--config", help="YAML file with a register config")
-    p.add_argument("--root")
-    p.add_argument("--version", type=int)
-    p.add_argument("--embeddings", action="append", metavar="ENTITY=URI", help="z_k of an entity: a Parquet file or folder; repeat per entity")
-    p.add_argument("--aligner", help="B_k as .npy or .safetensors, (d_{k-1}, d_k) or (d_k, d_{k-1}); not for v0")
-    p.add_argument("--method", help="method name to record (default: external)")
-    _storage_flags(p)
-    a = p.parse_args(argv)
-    over: dict[str, Any] = {**_storage_overrides(a)}
-    over.update(_given(a, "root", "version", "aligner", "method"))
-    if a.embeddings:
-        pairs = {}
-        for item in a.embeddings:
-            if "=" not in item:
-                raise ConfigError([f"--embeddings: expected ENTITY=URI, got {item!r}"])
-            e, uri = item.split("=", 1)
-            pairs[e.strip()] = uri.strip()
-        over["embeddings"] = pairs
-    cfg = load_options(RegisterConfig, file=a.config, overrides=over)
     reg = Registry(Storage(cfg.root, cfg.storage))
     v = reg.register(
-        cfg.version, embeddings=cfg.embeddings, aligner=cfg.aligner, method=cfg.method,
-        source_options=cfg.source_storage or cfg.storage,
+        cfg.version, embeddings=cfg.embeddings, aligner=cfg.aligner, method=cfg.method, options=cfg.register,
+        source_options=cfg.source_storage, ray_address=cfg.ray_address, echo=print,
     )  # fmt: skip
     print(f"registered v{v.version} (dim {v.dim}) in {reg.root.uri('registry')}: " + ", ".join(f"{e} {f.rows:,} rows" for e, f in v.embeddings.items()))
+    if cfg.summary_json:
+        _write_json(cfg.summary_json, v.manifest)
     return EXIT_OK
+
+
+def _write_json(path: str, obj: Any) -> None:
+    if path == "-":
+        print(json.dumps(obj, indent=1, default=str))
+        return
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, default=str)
 
 
 def _root_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -573,7 +639,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "experiment": (lambda argv: run_experiment_job(experiment_config(argv)), "the paper's protocol: train, backfill, evaluate, report"),
     "reconcile": (lambda argv: run_reconcile_job(reconcile_config(argv)), "backfill every missing or stale snapshot (scheduled)"),
     "retention": (run_retention, "remove old uncommitted and superseded snapshot runs"),
-    "register": (run_register, "publish a version trained elsewhere (z_k Parquet + B_k matrix)"),
+    "register": (lambda argv: run_register_job(register_config(argv)), "publish a version trained elsewhere (z_k + B_k given or fitted)"),
     "versions": (run_versions, "list published versions"),
     "snapshots": (run_snapshots, "list committed snapshots"),
     "discard": (run_discard, "remove the files of an interrupted publish"),

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from raybc.backfill import BackfillOptions
 from raybc.errors import StorageError
 from raybc.experiment import ExperimentOptions
+from raybc.intake import RegisterOptions
 from raybc.options import Options
 from raybc.reconcile import LEASE_TTL_S, ReconcileOptions
 from raybc.retention import RetentionOptions
@@ -71,7 +72,8 @@ class DemoConfig(Options):
 
 
 class RegisterConfig(Options):
-    """``raybc register``: publish a version trained elsewhere from its z_k and B_k."""
+    """``raybc register`` / ``jobs/register.py``: publish a version trained elsewhere from its z_k,
+    with B_k given (``aligner``) or fitted from the ids it shares with v<k-1> (``register.fit``)."""
 
     root: str
     storage: StorageOptions = Field(default_factory=StorageOptions)
@@ -82,6 +84,9 @@ class RegisterConfig(Options):
     source_storage: StorageOptions | None = Field(
         default=None, description="How to reach the source files when they live elsewhere than the root."
     )
+    register: RegisterOptions = Field(default_factory=RegisterOptions)
+    ray_address: str | None = Field(default=None, description="Ray cluster; default $RAY_ADDRESS or a new local Ray.")
+    summary_json: str | None = Field(default=None, description="Also write the published manifest as JSON to this local path.")
 
     _root = field_validator("root")(_check_uri)
 

@@ -36,7 +36,7 @@ from raybc import __version__
 from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, write_table
 from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, RegistryError, StorageError
 from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, json_bytes
-from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, to_bytes
+from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, has_spec, to_bytes
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
@@ -75,6 +75,7 @@ class FileEntry:
     path: str  # relative to the entity folder
     rows: int
     bytes: int
+    stamp: str | None = None  # ETag or mtime when registered: a later change is refused
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,30 @@ class EntityFiles:
     dim: int
     id_type: str  # "int64" or "string"
     files: tuple[FileEntry, ...]
+    # Where the files live when registered in place (a folder URI); None: embeddings/v<k>/<entity>/.
+    location: str | None = None
+    # The registry read every row at registration: values, ids unique across all files.
+    verified: bool = False
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "dim": self.dim,
             "id_type": self.id_type,
             "rows": self.rows,
-            "files": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in self.files],
+            "files": [
+                {"path": f.path, "rows": f.rows, "bytes": f.bytes, **({"stamp": f.stamp} if f.stamp is not None else {})}
+                for f in self.files
+            ],
         }
+        if self.location is not None:
+            out["location"] = self.location
+        if self.verified:
+            out["verified"] = True
+        return out
 
     @staticmethod
     def from_json(entity: str, d: Mapping[str, Any]) -> EntityFiles:
@@ -104,7 +117,12 @@ class EntityFiles:
             entity=entity,
             dim=int(d["dim"]),
             id_type=str(d["id_type"]),
-            files=tuple(FileEntry(str(f["path"]), int(f["rows"]), int(f["bytes"])) for f in d["files"]),
+            files=tuple(
+                FileEntry(str(f["path"]), int(f["rows"]), int(f["bytes"]), None if f.get("stamp") is None else str(f["stamp"]))
+                for f in d["files"]
+            ),
+            location=None if d.get("location") is None else str(d["location"]),
+            verified=bool(d.get("verified", False)),
         )
 
 
@@ -312,7 +330,16 @@ class Registry:
         return BackwardTransform(self.plan(source, [target]), target)
 
     def embeddings_storage(self, k: int, entity: str) -> Storage:
-        return self.root.child("embeddings", version_dir(k), check_segment(entity, what="entity name"))
+        """Where z_k of ``entity`` lives: embeddings/v<k>/<entity>/, or its own folder when it was
+        registered in place (read with the root's storage options)."""
+        check_segment(entity, what="entity name")
+        v = self._versions.get(k)
+        if v is None and self.is_published(k):
+            v = self.get(k)
+        ef = v.embeddings.get(entity) if v is not None else None
+        if ef is not None and ef.location is not None:
+            return Storage(ef.location, self.root.options)
+        return self.root.child("embeddings", version_dir(k), entity)
 
     # ------------------------------------------------------------------ writing
 
@@ -410,7 +437,7 @@ class Registry:
         for e, ef in embeddings.items():
             if ef.dim != dim:
                 raise InputDataError(f"embeddings of {e} have dimension {ef.dim}, but v{k} has dimension {dim}")
-            store = self.embeddings_storage(k, e)
+            store = Storage(ef.location, self.root.options) if ef.location is not None else self.embeddings_storage(k, e)
             for f in ef.files:
                 if not store.exists(f.path):
                     raise InputDataError(f"{store.uri(f.path)} is listed for v{k} but does not exist")
@@ -488,79 +515,27 @@ class Registry:
         k: int,
         *,
         embeddings: Mapping[str, str],
-        aligner: str | None,
+        aligner: str | Transform | None = None,
         source_options: StorageOptions | None = None,
         method: str = "external",
         metrics: Mapping[str, Any] | None = None,
         hyperparameters: Mapping[str, Any] | None = None,
+        options: Any = None,
+        ray_address: str | None = None,
+        echo: Any = None,
     ) -> Version:
-        """Publish a version trained elsewhere from its z_k Parquet files and its B_k matrix.
+        """Publish a version trained elsewhere: see :func:`raybc.intake.register_version`."""
+        from raybc.intake import register_version
 
-        ``embeddings`` maps entity -> URI of a Parquet file or a folder of them. ``aligner`` is a
-        URI of a ``.npy`` or ``.safetensors`` file holding B_k as (d_{k-1}, d_k) or (d_k, d_{k-1}).
-        """
-        if not embeddings:
-            raise InputDataError("register needs at least one entity's embeddings (entity=URI)")
-        sources: dict[str, tuple[Storage, list[str]]] = {}
-        id_kind: dict[str, str] = {}
-        dim: int | None = None
-        for entity, uri in embeddings.items():
-            check_segment(entity, what="entity name")
-            src = Storage(uri, source_options)
-            if src.isdir():
-                names = [n for n in src.list() if n.endswith(".parquet")]
-                base = src
-            else:
-                parent_uri, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
-                base, names = Storage(parent_uri, source_options), [name]
-                if not base.exists(name):
-                    raise InputDataError(f"{uri}: no such file or folder")
-            if not names:
-                raise InputDataError(f"{uri}: no .parquet files there")
-            for n in names:
-                with base.open_input(n) as f:
-                    try:
-                        schema = pq.ParquetFile(f).schema_arrow
-                    except (pa.ArrowInvalid, OSError) as exc:
-                        raise InputDataError(f"{base.uri(n)} is not a readable Parquet file ({exc})") from None
-                layout = inspect_schema(schema, source=base.uri(n), expected_dim=dim)
-                if layout.dim < 0:
-                    raise InputDataError(f"{base.uri(n)}: embeddings must be fixed_size_list<float32>[d] to register")
-                if id_kind.setdefault(entity, _id_type_name(layout.id_type)) != _id_type_name(layout.id_type):
-                    raise InputDataError(
-                        f"{base.uri(n)}: ids are {_id_type_name(layout.id_type)} but other files of {entity} hold "
-                        f"{id_kind[entity]} ids; every file of an entity needs the same id type"
-                    )
-                dim = layout.dim
-            _check_values(base, names, dim=dim, entity=entity)
-            sources[entity] = (base, names)
-        assert dim is not None
-
-        b = None
-        if k > 0:
-            if aligner is None:
-                raise InputDataError(f"v{k} needs B_{k}: give --aligner FILE (.npy or .safetensors)")
-            b = self._read_matrix(aligner, source_options, in_dim=dim, out_dim=self.get(k - 1).dim)
-        elif aligner is not None:
-            raise InputDataError("v0 is the oldest version: it takes no --aligner")
-
-        if self.is_published(k):
-            raise AlreadyExistsError(f"v{k} is already published; published versions are immutable: register v{k + 1}")
-        listing = {}
-        for entity, (base, names) in sources.items():
-            dest = self.embeddings_storage(k, entity)
-            if dest.walk_files():
-                raise AlreadyExistsError(f"{dest.uri()} already holds files of an unfinished registration; remove them first")
-            for i, n in enumerate(sorted(names)):
-                dest.copy_from(base, n, f"part-{i:05d}.parquet")
-            listing[entity] = self.scan_embeddings(k, entity, expected_dim=dim)
-        return self.publish(
-            k, dim=dim, method=method, aligner=b, embeddings=listing, metrics=metrics, hyperparameters=hyperparameters,
-            extra={"registered_from": {e: Storage(u, source_options).uri() for e, u in embeddings.items()}},
+        return register_version(
+            self, k, embeddings=embeddings, aligner=aligner, options=options, source_options=source_options, method=method,
+            metrics=metrics, hyperparameters=hyperparameters, ray_address=ray_address, echo=echo,
         )  # fmt: skip
 
     @staticmethod
-    def _read_matrix(uri: str, options: StorageOptions | None, *, in_dim: int, out_dim: int) -> Transform:
+    def _read_matrix(uri: str, options: StorageOptions | None, *, in_dim: int, out_dim: int, layout: str | None = None) -> Transform:
+        """B_k from a ``.npy`` matrix or a ``.safetensors`` file (see :func:`raybc.transforms.from_matrix`
+        for ``layout``; a file written by raybc carries its own and needs none)."""
         parent_uri, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
         store = Storage(parent_uri, options)
         try:
@@ -572,46 +547,19 @@ class Registry:
                 m = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle user files
             except (ValueError, EOFError, OSError) as exc:
                 raise InputDataError(f"{uri}: not a plain .npy matrix ({exc or 'empty file'})") from None
-            return from_matrix(m, in_dim=in_dim, out_dim=out_dim, source=uri)
+            return from_matrix(m, in_dim=in_dim, out_dim=out_dim, source=uri, layout=layout)
         if name.endswith(".safetensors"):
             t = from_bytes(data, source=uri)
+            if has_spec(data) and layout is None:  # raybc's own file: torch layout, recorded
+                if (t.in_dim, t.out_dim) != (in_dim, out_dim):
+                    raise InputDataError(f"{uri}: transform maps {t.in_dim}->{t.out_dim}, expected {in_dim}->{out_dim}")
+                return t
             if t.is_affine:
-                return from_matrix(t.weight, in_dim=in_dim, out_dim=out_dim, bias=t.bias, source=uri)  # type: ignore[attr-defined]
+                return from_matrix(t.weight, in_dim=in_dim, out_dim=out_dim, bias=t.bias, source=uri, layout=layout)  # type: ignore[attr-defined]
             if (t.in_dim, t.out_dim) != (in_dim, out_dim):
                 raise InputDataError(f"{uri}: transform maps {t.in_dim}->{t.out_dim}, expected {in_dim}->{out_dim}")
             return t
         raise InputDataError(f"{uri}: B_k must be a .npy or .safetensors file")
-
-
-def _check_values(base: Storage, names: list[str], *, dim: int, entity: str) -> None:
-    """Read every row of the files to register: no null or non-UTF-8 ids, no NaN/Inf, no id twice,
-    at least one row. Refusing here keeps bad data out of the registry (nothing is copied yet)."""
-    from raybc.embeddings import EMBEDDING, ID, batch_matrix, check_finite, first_duplicate, normalise_ids
-
-    all_ids, rows = [], 0
-    for n in names:
-        src = base.uri(n)
-        with base.open_input(n) as f:
-            pf = pq.ParquetFile(f)
-            layout = inspect_schema(pf.schema_arrow, source=src, expected_dim=dim)
-            row = 0
-            try:
-                for batch in pf.iter_batches(batch_size=65_536, columns=[ID, EMBEDDING]):
-                    ids = normalise_ids(batch.column(0), layout, source=src, row_offset=row)
-                    mat = batch_matrix(batch.column(1), layout, source=src, row_offset=row, ids=ids)
-                    check_finite(mat, ids, source=src, row_offset=row)
-                    all_ids.append(ids)
-                    row += len(batch)
-            except (pa.ArrowInvalid, OSError) as exc:
-                if isinstance(exc, (InputDataError, StorageError)):
-                    raise
-                raise InputDataError(f"{src}: cannot read rows from {row} on ({exc}); the file is damaged") from None
-        rows += row
-    if rows == 0:
-        raise InputDataError(f"the files given for {entity} ({', '.join(base.uri(n) for n in names)}) hold no rows")
-    dup = first_duplicate(pa.chunked_array(all_ids))
-    if dup is not None:
-        raise InputDataError(f"id {dup!r} occurs more than once in the {entity} embeddings to register; every id must appear once")
 
 
 class BackwardTransform:

@@ -657,6 +657,14 @@ class Storage:
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
 
+def file_stamp(info: dict[str, Any]) -> str:
+    """What changes when a file is rewritten, from a listing entry: its ETag, else its mtime."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "generation"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
 def _write_local(path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
     """Write ``data`` to a hidden temporary beside ``path``, fsync it, then ``publish(tmp, path)``
     (``os.replace``: atomic swap; ``os.link``: create-exclusive). The temporary never outlives it."""

@@ -265,23 +265,53 @@ def _read_spec(data: bytes, tensors: Mapping[str, np.ndarray], source: str) -> d
     raise IntegrityError(f"{source}: no raybc transform metadata and not a single weight matrix ({sorted(tensors)})")
 
 
-def from_matrix(matrix: np.ndarray, *, in_dim: int, out_dim: int, bias: np.ndarray | None = None, source: str) -> Affine:
-    """A user-supplied B_k matrix, in either (out, in) or (in, out) layout, as an Affine transform."""
+def from_matrix(
+    matrix: np.ndarray, *, in_dim: int, out_dim: int, bias: np.ndarray | None = None, source: str, layout: str | None = None
+) -> Affine:
+    """A user-supplied B_k matrix as an Affine transform.
+
+    ``layout`` says how the matrix is laid out: ``"out_in"`` is (d_{k-1}, d_k) with y = B z
+    (torch.nn.Linear's weight), ``"in_out"`` is (d_k, d_{k-1}) with y = z @ B (numpy's right
+    multiplication). Without it the shape decides, which it cannot for a square B: then the layout
+    must be given, since reading it the wrong way round silently transposes the map.
+    """
     m = np.asarray(matrix)
     if m.ndim != 2:
         raise IntegrityError(f"{source}: B must be a 2-D matrix, got shape {m.shape}")
-    if m.shape == (out_dim, in_dim):
-        w = m
-    elif m.shape == (in_dim, out_dim):
-        w = m.T
-    else:
-        raise IntegrityError(
-            f"{source}: B has shape {m.shape}, but mapping {in_dim}-d embeddings to {out_dim}-d needs "
-            f"({out_dim}, {in_dim}) or ({in_dim}, {out_dim})"
-        )
-    if not np.all(np.isfinite(w)):
+    if not np.all(np.isfinite(m)):
         raise IntegrityError(f"{source}: B holds NaN or Inf")
+    need = {"out_in": (out_dim, in_dim), "in_out": (in_dim, out_dim)}
+    if layout is not None and layout not in need:
+        raise IntegrityError(f"{source}: unknown layout {layout!r}; use out_in (y = B z) or in_out (y = z @ B)")
+    if layout is None and in_dim == out_dim:
+        if m.shape != (in_dim, in_dim):
+            raise IntegrityError(f"{source}: B has shape {m.shape}, but mapping {in_dim}-d embeddings to {out_dim}-d needs ({out_dim}, {in_dim})")
+        raise IntegrityError(
+            f"{source}: B is square ({in_dim} x {in_dim}), so its shape cannot tell which way it maps; say how it is laid "
+            "out with --aligner-layout out_in (y = B z, torch.nn.Linear's weight) or --aligner-layout in_out (y = z @ B)"
+        )
+    if layout is None:
+        layout = "out_in" if m.shape == need["out_in"] else "in_out" if m.shape == need["in_out"] else None
+        if layout is None:
+            raise IntegrityError(
+                f"{source}: B has shape {m.shape}, but mapping {in_dim}-d embeddings to {out_dim}-d needs "
+                f"({out_dim}, {in_dim}) or ({in_dim}, {out_dim})"
+            )
+    if m.shape != need[layout]:
+        raise IntegrityError(
+            f"{source}: B has shape {m.shape}, but layout {layout} mapping {in_dim}-d embeddings to {out_dim}-d needs {need[layout]}"
+        )
+    w = m if layout == "out_in" else m.T
     return Affine(np.ascontiguousarray(w, dtype=np.float32), None if bias is None else np.asarray(bias, np.float32))
+
+
+def has_spec(data: bytes) -> bool:
+    """Whether safetensors bytes carry raybc's transform metadata (then the layout is known)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        return SPEC_METADATA_KEY in (json.loads(data[8 : 8 + n]).get("__metadata__") or {})
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 # --------------------------------------------------------------------------- composition

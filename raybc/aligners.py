@@ -1,0 +1,390 @@
+"""Aligners: a backward transform B_k fitted post hoc from pairs of stored embeddings.
+
+For a model raybc did not train, B_k (z_k -> z_{k-1}) is fitted from the ids both versions hold
+(``pairs`` joins and samples them in Ray tasks). Four kinds:
+
+- ``linear`` / ``affine``: exact least squares, optionally with ridge, from float64 sufficient
+  statistics (X'X, X'Y, sums) summed over the reduce buckets -- no pair ever reaches the driver.
+- ``orthogonal``: Procrustes, W = U V' from the SVD of Y'X; semi-orthogonal (orthonormal rows or
+  columns) when the dimensions differ. Keeps norms and angles; cannot rescale.
+- ``residual_mlp``: P x + W2 relu(W1 x + b1) + b2, started at the least-squares P and trained with
+  Ray Train (a TorchTrainer; ``num_workers=0`` runs in-process) on the sampled pairs, with the
+  paper's multi-step loss through the frozen older B's; checkpoints are safetensors and a rerun of
+  the same fit resumes from the last one (as Drift-Adapter, EMNLP 2025, trains its adapters).
+
+Every B is judged on held-out pairs (a share of the ids, by hash) in the parent's space and, through
+the published B_{k-1}, ..., B_1, in every older space: relative error |B(z_k) - z_{k-1}|^2 /
+|z_{k-1}|^2 there, so mapping to zeros scores 1. For an unconstrained linear or affine B the
+multi-step loss has the same minimiser as the single-step one (a positive-definite weighting of
+the outputs does not move a least-squares optimum), so the closed forms serve both.
+
+This module fits and judges; registering the version is ``intake``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from raybc.errors import InputDataError
+from raybc.options import Options
+from raybc.pairs import EntityScan, pair_errors, pair_stats, run_on_pairs, select, sum_stats
+from raybc.transforms import Affine, FanOutPlan, ResidualMLP, Transform
+
+KINDS = ("linear", "affine", "orthogonal", "residual_mlp")
+# Smallest eigenvalue of X'X/n relative to its largest below which z_k is treated as rank-deficient
+# (float64 normal equations lose about twice the digits of the data; 1e-10 leaves a margin over
+# float32 inputs' ~1e-7 relative precision squared).
+RANK_TOL = 1e-10
+
+
+class AlignerFitOptions(Options):
+    """How B_k is fitted from the pairs (``raybc register --fit-aligner KIND``)."""
+
+    kind: Literal["linear", "affine", "orthogonal", "residual_mlp"] = "linear"
+    fit_rows: int | None = Field(
+        default=1_000_000, ge=1,
+        description="Pairs sampled by id hash (held-out share included); all pairs when fewer exist; null: all pairs.",
+    )  # fmt: skip
+    holdout: float = Field(default=0.1, gt=0, lt=0.9, description="Share of the sampled ids held out to report the error.")
+    ridge: float = Field(default=0.0, ge=0, description="lambda in mean |y - W x|^2 + lambda |W|^2 (linear, affine).")
+    hidden: int = Field(default=256, ge=1, le=65_536, description="residual_mlp: hidden units.")
+    epochs: int = Field(default=20, ge=1, le=10_000, description="residual_mlp: passes over the training pairs.")
+    batch_size: int = Field(default=4096, ge=1, description="residual_mlp: pairs per step (per worker).")
+    lr: float = Field(default=1e-3, gt=0, le=1.0, description="residual_mlp: Adam learning rate.")
+    num_workers: int = Field(default=0, ge=0, le=1024, description="residual_mlp: Ray Train workers (0: in-process).")
+    use_gpu: bool = Field(default=False, description="residual_mlp: train on GPU workers.")
+    seed: int = 0
+
+    def n_params(self, d_in: int, d_out: int) -> int:
+        if self.kind == "residual_mlp":
+            return d_out * d_in + self.hidden * (d_in + 1) + d_out * (self.hidden + 1)
+        return d_out * (d_in + (self.kind == "affine"))
+
+
+@dataclass
+class AlignerReport:
+    """How a B was fitted or checked, as the version manifest records it."""
+
+    kind: str
+    fitted: bool
+    pairs: dict[str, dict[str, int]]  # entity -> rows, parent_rows, shared, missing_in_parent, train, holdout
+    error: dict[str, dict[str, float]]  # entity (and "all") -> space ("v<j>") -> relative error
+    options: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fitted": self.fitted, "pairs": self.pairs, "relative_error": self.error,
+                "options": self.options, **({"training": self.training} if self.training else {})}  # fmt: skip
+
+    def table(self) -> str:
+        spaces = list(next(iter(self.error.values()), {}))
+        head = f"B ({self.kind}, {'fitted' if self.fitted else 'given'}): relative error |B z - z_parent|^2 / |z_parent|^2 on held-out shared ids"
+        lines = [head, "  " + f"{'entity':<12}" + "".join(f"{s:>10}" for s in spaces)]
+        for e, errs in self.error.items():
+            lines.append("  " + f"{e:<12}" + "".join(f"{errs[s]:>10.4g}" for s in spaces))
+        for e, p in self.pairs.items():
+            lines.append(
+                f"  {e}: {p['rows']:,} rows, {p['shared']:,} shared with the parent ({p['missing_in_parent']:,} not in it), "
+                f"{p['train']:,} pairs fitted, {p['holdout']:,} held out"
+            )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- closed forms (pure)
+
+
+def solve_least_squares(stats: Mapping[str, Any], *, affine: bool, ridge: float, source: str) -> Affine:
+    """W (and b) minimising mean |y - (W x + b)|^2 + ridge |W|^2 from summed statistics."""
+    n = int(stats["n"])
+    xtx, xty = np.asarray(stats["xtx"]) / n, np.asarray(stats["xty"]) / n
+    mx = my = None
+    if affine:
+        mx, my = np.asarray(stats["sx"]) / n, np.asarray(stats["sy"]) / n
+        xtx = xtx - np.outer(mx, mx)
+        xty = xty - np.outer(mx, my)
+    d = xtx.shape[0]
+    eig = np.linalg.eigvalsh(xtx)
+    top = max(float(eig[-1]), 0.0)
+    rank = int((eig > RANK_TOL * top).sum()) if top > 0 else 0
+    if ridge == 0 and rank < d:
+        raise InputDataError(
+            f"{source}: the sampled z_k span only {rank} of their {d} dimensions{' (after centring)' if affine else ''} -- "
+            "some dimensions are constant or linear combinations of others, so least squares has no unique B. "
+            "Fit with a ridge penalty (--ridge 1e-3), or the orthogonal kind, or drop the dead dimensions"
+        )
+    wt = np.linalg.solve(xtx + ridge * np.eye(d), xty)  # (d_in, d_out)
+    w = np.ascontiguousarray(wt.T)
+    bias = None if not affine else my - w @ mx  # type: ignore[operator]
+    return Affine(w, bias)
+
+
+def solve_procrustes(stats: Mapping[str, Any]) -> Affine:
+    """The (semi-)orthogonal W maximising tr(W X'Y)', i.e. minimising |Y - X W'|^2."""
+    m = np.asarray(stats["xty"]).T  # (d_out, d_in) = sum y x'
+    u, _, vt = np.linalg.svd(m, full_matrices=False)
+    return Affine(np.ascontiguousarray(u @ vt))
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def older_chain(registry: Any, parent: int) -> FanOutPlan | None:
+    """The published B_{parent}, ..., B_1 as one plan from the parent to every older version."""
+    return registry.plan(parent, range(parent)) if parent > 0 else None
+
+
+def judge(scans: Sequence[EntityScan], transform: Transform, chain: FanOutPlan | None, parent: int, part: str) -> dict[str, dict[str, float]]:
+    """Relative error per entity (and over all entities) in the parent's space and every older one."""
+    out: dict[str, dict[str, float]] = {}
+    totals: dict[str, list[float]] = {}
+    for s in scans:
+        if not s.pairs:
+            continue
+        sums: dict[str, list[float]] = {}
+        for r in run_on_pairs(pair_errors, s.pairs, s.threshold, part, transform, chain):
+            for j, e in r["err"].items():
+                name = f"v{parent}" if j == "parent" else f"v{j}"
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += e
+                acc[1] += r["ref"][j]
+        out[s.entity] = {j: (e / ref if ref > 0 else float("nan")) for j, (e, ref) in sums.items()}
+        for j, (e, ref) in sums.items():
+            t = totals.setdefault(j, [0.0, 0.0])
+            t[0] += e
+            t[1] += ref
+    if len(out) > 1:
+        out["all"] = {j: (e / ref if ref > 0 else float("nan")) for j, (e, ref) in totals.items()}
+    return out
+
+
+def pair_counts(scans: Sequence[EntityScan], threshold_part: str = "fit") -> dict[str, dict[str, int]]:
+    counts = {}
+    for s in scans:
+        hold = sum(run_on_pairs(_count, s.pairs, s.threshold, "holdout")) if s.pairs else 0
+        counts[s.entity] = {
+            "rows": s.rows, "parent_rows": s.parent_rows, "shared": s.shared, "missing_in_parent": s.missing_in_parent,
+            "train": s.sampled - hold, "holdout": hold,
+        }  # fmt: skip
+    return counts
+
+
+def _count(pairs: Mapping[str, Any], threshold: int, part: str) -> int:
+    return len(select(pairs, threshold, part)[0])
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def fit_from_scans(
+    scans: Sequence[EntityScan],
+    options: AlignerFitOptions,
+    *,
+    d_in: int,
+    d_out: int,
+    registry: Any,
+    version: int,
+    source: str,
+) -> tuple[Transform, AlignerReport]:
+    """Fit B_version from the scanned pairs; refuse what cannot be fitted; judge on held-out pairs."""
+    counts = pair_counts(scans)
+    shared = sum(c["shared"] for c in counts.values())
+    if shared == 0:
+        sizes = ", ".join(f"{e}: {c['rows']:,} rows" for e, c in counts.items())
+        raise InputDataError(
+            f"{source}: no id of the new embeddings occurs in v{version - 1} ({sizes}); B_{version} is fitted "
+            f"on ids both versions hold. Check that the ids are the same kind of id as v{version - 1}'s, or give B_{version} with --aligner"
+        )
+    train = sum(c["train"] for c in counts.values())
+    need = options.n_params(d_in, d_out) if options.kind == "residual_mlp" else d_in + (options.kind == "affine")
+    unit = "equations" if options.kind == "residual_mlp" else "pairs"
+    have = train * d_out if options.kind == "residual_mlp" else train
+    if have < need or sum(c["holdout"] for c in counts.values()) == 0:
+        raise InputDataError(
+            f"{source}: {train:,} training pairs ({shared:,} shared ids, {options.holdout:.0%} held out) give {have:,} {unit}; "
+            f"a {options.kind} B of {d_in} -> {d_out} dimensions needs at least {need:,} (and at least one held-out pair). "
+            "Give more shared ids, raise --fit-rows, or fit a simpler kind"
+        )
+    stats = sum_stats([st for s in scans for st in run_on_pairs(pair_stats, s.pairs, s.threshold)])
+    training: dict[str, Any] = {}
+    if options.kind in ("linear", "affine"):
+        b: Transform = solve_least_squares(stats, affine=options.kind == "affine", ridge=options.ridge, source=source)
+    elif options.kind == "orthogonal":
+        b = solve_procrustes(stats)
+    else:
+        start = solve_least_squares(stats, affine=False, ridge=max(options.ridge, 1e-6), source=source)
+        b, training = train_residual(scans, options, start=start, registry=registry, version=version)
+    b = _as_float32(b)
+    chain = older_chain(registry, version - 1)
+    report = AlignerReport(
+        kind=options.kind, fitted=True, pairs=counts, error=judge(scans, b, chain, version - 1, "holdout"),
+        options=options.model_dump(), training=training,
+    )  # fmt: skip
+    return b, report
+
+
+def check_given(scans: Sequence[EntityScan], b: Transform, *, registry: Any, version: int) -> AlignerReport:
+    """Judge a given B on every sampled shared id (nothing of it was fitted on them)."""
+    counts = pair_counts(scans)
+    for c in counts.values():
+        c["train"], c["holdout"] = 0, c["train"] + c["holdout"]
+    return AlignerReport(kind=b.spec()["kind"], fitted=False, pairs=counts, error=judge(scans, b, older_chain(registry, version - 1), version - 1, "all"))
+
+
+def _as_float32(t: Transform) -> Transform:
+    if isinstance(t, Affine):
+        return Affine(t.weight.astype(np.float32), None if t.bias is None else t.bias.astype(np.float32))
+    return t
+
+
+# --------------------------------------------------------------------------- residual_mlp with Ray Train
+
+
+def _torch_step(t: Transform):
+    """A frozen older B as a torch function (affine or residual_mlp)."""
+    import torch
+
+    tens = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in t.tensors().items()}
+    if t.kind == "residual_mlp":
+        return lambda x: x @ tens["proj"].T + torch.relu(x @ tens["w1"].T + tens["b1"]) @ tens["w2"].T + tens["b2"]
+    w, b = tens["weight"], tens.get("bias")
+    return (lambda x: x @ w.T + b) if b is not None else (lambda x: x @ w.T)
+
+
+def _residual_module(d_in: int, d_out: int, hidden: int, start: Affine, seed: int):
+    import torch
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.proj = nn.Parameter(torch.from_numpy(np.asarray(start.weight, np.float32)).clone())
+            self.w1 = nn.Parameter(torch.randn(hidden, d_in, generator=g) / np.sqrt(d_in))
+            self.b1 = nn.Parameter(torch.zeros(hidden))
+            self.w2 = nn.Parameter(torch.zeros(d_out, hidden))  # starts exactly at the least-squares map
+            self.b2 = nn.Parameter(torch.zeros(d_out))
+
+        def forward(self, x):
+            return x @ self.proj.T + torch.relu(x @ self.w1.T + self.b1) @ self.w2.T + self.b2
+
+    return Residual()
+
+
+def multi_step_loss(pred, y, chain: Sequence[Any]):
+    """Mean over the parent's space and every older one of MSE(chain_j(pred), chain_j(y))."""
+    import torch
+
+    stages = [torch.mean((pred - y) ** 2)]
+    a, b = pred, y
+    for step in chain:
+        a, b = step(a), step(b)
+        stages.append(torch.mean((a - b) ** 2))
+    return torch.stack(stages).mean()
+
+
+def residual_loop(config: dict[str, Any]) -> None:
+    """The Ray Train loop: rank r trains on buckets r, r+W, ... of the pairs; DDP averages."""
+    import ray
+    import ray.train
+    import torch
+    from raybc.train.loop import load_checkpoint, save_checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    if world > 1:
+        torch.set_num_threads(1)
+    xs, ys = [], []
+    for ref, thr in config["pairs"][rank::world]:
+        rows = ray.get(ref)
+        x, y = select(rows, thr, "train")
+        xs.append(x)
+        ys.append(y)
+    x = torch.from_numpy(np.concatenate(xs) if xs else np.zeros((0, config["d_in"]), np.float32))
+    y = torch.from_numpy(np.concatenate(ys) if ys else np.zeros((0, config["d_out"]), np.float32))
+    start = Affine(np.asarray(config["start"], np.float32))
+    model = _residual_module(config["d_in"], config["d_out"], config["hidden"], start, config["seed"])
+    chain = [_torch_step(t) for t in config["chain"]]
+    optim = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    first = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            current, _, osd, meta = load_checkpoint(d)
+        model.load_state_dict(current)
+        optim.load_state_dict(osd)
+        first = int(meta["epoch"]) + 1
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    n, bs = len(x), int(config["batch_size"])
+    for epoch in range(first, int(config["epochs"])):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(config["seed"] * 1000 + epoch + rank))
+        total, steps = 0.0, 0
+        for i in range(0, max(n, 1), bs):
+            idx = perm[i : i + bs]
+            if not len(idx):
+                break
+            loss = multi_step_loss(model(x[idx]), y[idx], chain)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            total += float(loss.detach())
+            steps += 1
+        metrics = {"epoch": epoch, "loss": total / max(steps, 1)}
+        checkpoint = None
+        if rank == 0:
+            d = tempfile.mkdtemp(prefix="raybc-aligner-ckpt-")
+            inner = model.module if hasattr(model, "module") else model
+            save_checkpoint(d, joint=inner, best=None, optim=optim, meta=metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_residual(scans: Sequence[EntityScan], options: AlignerFitOptions, *, start: Affine, registry: Any, version: int) -> tuple[ResidualMLP, dict[str, Any]]:
+    """residual_mlp with a TorchTrainer; a rerun of the same fit (same pairs and options) resumes."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raybc.train.loop import load_checkpoint
+
+    chain = [registry.aligner(v) for v in range(version - 1, 0, -1)]
+    pairs = [(ref, s.threshold) for s in scans for ref in s.pairs]
+    d_out, d_in = start.weight.shape
+    fingerprint = hashlib.sha256(
+        json.dumps({"options": options.model_dump(), "start": hashlib.sha256(start.weight.tobytes()).hexdigest(),
+                    "pairs": [[s.entity, s.rows, s.shared, s.threshold] for s in scans]}, sort_keys=True).encode()  # fmt: skip
+    ).hexdigest()[:12]
+    config = {
+        "pairs": pairs, "d_in": d_in, "d_out": d_out, "hidden": options.hidden, "start": start.weight, "chain": chain,
+        "lr": options.lr, "epochs": options.epochs, "batch_size": options.batch_size, "seed": options.seed,
+    }  # fmt: skip
+    root = registry.root
+    run = ray.train.RunConfig(
+        name=f"aligner-v{version}-{fingerprint}", storage_path=root.path("train-runs"), storage_filesystem=root.arrow_filesystem(),
+        failure_config=ray.train.FailureConfig(max_failures=2),
+    )  # fmt: skip
+    scaling = ray.train.ScalingConfig(num_workers=options.num_workers, use_gpu=options.use_gpu)
+    result = TorchTrainer(residual_loop, train_loop_config=config, scaling_config=scaling, run_config=run).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"aligner training run {run.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        current, _, _, meta = load_checkpoint(d)
+    if options.num_workers == 0 and os.path.basename(result.checkpoint.path).startswith("raybc-aligner-ckpt-"):
+        import shutil
+
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)  # local mode keeps the worker's temp dir
+    t = ResidualMLP(**{k: current[k].numpy() for k in ("proj", "w1", "b1", "w2", "b2")})
+    return t, {"run": run.name, "epochs": int(meta["epoch"]) + 1, "final_loss": float(meta["loss"])}
+
+
+__all__ = ["KINDS", "AlignerFitOptions", "AlignerReport", "check_given", "fit_from_scans", "judge", "solve_least_squares", "solve_procrustes"]

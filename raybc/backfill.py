@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -64,9 +63,6 @@ from raybc.transforms import FanOutPlan, Scratch
 
 log = logging.getLogger(__name__)
 
-# Ids held in driver memory at once when checking ids across overlapping parts (8 bytes each for
-# int64): 50M ids ~ 400 MB plus the sort; larger groups are checked in hash buckets.
-_ID_CHECK_ROWS = 50_000_000
 # Bump when the layout or content of part files changes: it is part of every run id.
 _PART_FORMAT = 1
 
@@ -255,6 +251,7 @@ class EntityJob:
     committed: list[int]  # targets whose CURRENT already names this run
     parts: list[Part]
     todo: list[Part]  # parts missing for at least one pending target
+    id_check: bool = False  # ids may repeat across parts: check them (in Ray tasks) before writing
 
     @property
     def rows(self) -> int:
@@ -275,6 +272,7 @@ class PartContext:
     compression: str
     progress: bool = True  # print one line per finished part (reaches the driver's log)
     output_dtype: str = "float32"  # or "float16" (half the bytes written)
+    source_store: Storage | None = None  # where z_source lives when not below the root (registered in place)
 
 
 @dataclass
@@ -387,36 +385,6 @@ def _part_range(f: InputFile, p: Part) -> tuple[Any, Any] | None:
     return min(r[0] for r in rs), max(r[1] for r in rs)
 
 
-def _bucket_of(ids: pa.Array, buckets: int) -> np.ndarray:
-    """A stable bucket per id (so each bucket's duplicates are checked together)."""
-    if pa.types.is_integer(ids.type):
-        return ids.to_numpy(zero_copy_only=False) % buckets
-    return np.fromiter((zlib.crc32(s.encode()) for s in ids.to_pylist()), dtype=np.int64, count=len(ids)) % buckets
-
-
-def _check_ids_across_parts(store: Storage, parts: list[Part], files: dict[str, InputFile]) -> None:
-    """Refuse an id that occurs in two parts (within-part duplicates are checked by the tasks)."""
-    for group in id_overlap_groups([_part_range(files[p.file], p) for p in parts]):
-        members = [parts[i] for i in group]
-        buckets = max(1, -(-sum(p.rows for p in members) // _ID_CHECK_ROWS))
-        for b in range(buckets):
-            chunks = []
-            for p in members:
-                with store.open_input(p.file) as f:
-                    ids = pq.ParquetFile(f).read_row_groups(range(p.rg_start, p.rg_stop), columns=[ID]).column(ID)
-                ids = ids.combine_chunks()
-                if buckets > 1:
-                    ids = ids.filter(pa.array(_bucket_of(ids, buckets) == b))
-                chunks.append(ids)
-            dup = first_duplicate(pa.chunked_array(chunks))
-            if dup is not None:
-                where = sorted({store.uri(p.file) for p, c in zip(members, chunks) if dup in c.to_pylist()})
-                raise InputDataError(
-                    f"id {dup!r} occurs more than once in the {members[0].entity} embeddings "
-                    f"({' and '.join(where)}); every id must appear exactly once"
-                )
-
-
 def plan_entity(
     registry: Registry,
     *,
@@ -433,6 +401,13 @@ def plan_entity(
     for f in ef.files:
         if f.path not in infos:
             raise IntegrityError(f"{store.uri(f.path)} is listed in v{source}'s manifest but missing; restore it")
+        info = infos[f.path]
+        if f.stamp is not None and (int(info.get("size") or -1) != f.bytes or file_stamp(info) != f.stamp):
+            raise IntegrityError(
+                f"{store.uri(f.path)} changed after v{source} was registered (size {info.get('size')}, stamp "
+                f"{file_stamp(info)!r}; registered: {f.bytes}, {f.stamp!r}): published embeddings are immutable. "
+                "Restore the file, or register the new embeddings as a new version"
+            )
     with ThreadPoolExecutor(IO_THREADS) as pool:
         files = list(pool.map(lambda f: _read_input_file(store, f.path, infos[f.path], ef.dim), ef.files))
     for entry, f in zip(ef.files, files):
@@ -448,7 +423,11 @@ def plan_entity(
             )
     by_name = {f.name: f for f in files}
     parts = plan_parts(entity, [(f.name, f.row_groups) for f in files], options.rows_per_part)
-    _check_ids_across_parts(store, parts, by_name)
+    # Ids can repeat only across parts whose id ranges overlap. The registry read every id of a
+    # verified version at registration (and the stamps above prove the files unchanged since);
+    # anything else is checked by a distributed id shuffle before the write (``pairs``).
+    verified = ef.verified and all(e.stamp is not None for e in ef.files)
+    id_check = not verified and bool(id_overlap_groups([_part_range(by_name[p.file], p) for p in parts]))
 
     run_id = run_fingerprint(
         {
@@ -471,10 +450,21 @@ def plan_entity(
         done_by_target = [set(registry.root.list(run_dir(t, entity, source, run_id))) for t in pending]
         todo = [p for p in parts if not all(p.name in done for done in done_by_target)]
     plan = registry.plan(source, pending or targets)  # loads and checksums every B_k involved
-    return EntityJob(entity, source, ef.dim, run_id, plan, pending, committed, parts, todo)
+    return EntityJob(entity, source, ef.dim, run_id, plan, pending, committed, parts, todo, id_check)
 
 
 # --------------------------------------------------------------------------- worker side
+
+
+def check_unique_ids(registry: Registry, source: int, job: EntityJob) -> None:
+    """Refuse an id that occurs twice anywhere in an entity's files: an id shuffle in Ray tasks
+    (``pairs.scan_entity``), so the driver reads no id whatever the rows."""
+    from raybc.pairs import SourceFiles, scan_entity
+
+    ef = registry.get(source).embeddings[job.entity]
+    files = SourceFiles(job.entity, registry.embeddings_storage(source, job.entity), tuple(f.path for f in ef.files),
+                        tuple(f.rows for f in ef.files), ef.dim)  # fmt: skip
+    scan_entity(files, None, target_pairs=0, holdout=0.0, validate=False)
 
 
 def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
@@ -493,7 +483,7 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
 
 def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
     t0 = time.perf_counter()
-    src = ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
+    src = ctx.source_store or ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
     targets = ctx.plan.targets
     value_type = pa.float16() if ctx.output_dtype == "float16" else pa.float32()
@@ -729,13 +719,16 @@ def backfill(
         ctxs = {
             j.entity: PartContext(
                 registry.root, j.entity, source, j.dim, j.run_id, j.plan, options.batch_rows, options.compression,
-                options.progress, options.output_dtype,
+                options.progress, options.output_dtype, registry.embeddings_storage(source, j.entity),
             )
             for j in active
         }
         keys = {p.key: p for p in todo}
         sink = BackfillSink(ctxs, keys, commit)
         ensure_ray(ray_address)
+        for j in active:
+            if j.id_check:
+                check_unique_ids(registry, source, j)
         crash_point("before_write")
         tasks = group_parts(todo, rows_per_task(summary.input_rows, options, ray.cluster_resources().get("CPU", 0)))
         summary.tasks = len(tasks)

@@ -402,7 +402,7 @@ def run_register_job(cfg) -> int:
 
     reg = Registry(Storage(cfg.root, cfg.storage))
     v = reg.register(
-        cfg.version, embeddings=cfg.embeddings, aligner=cfg.aligner, method=cfg.method, options=cfg.register,
+        cfg.version, embeddings=cfg.embeddings, aligner=cfg.aligner, method=cfg.method, options=cfg.register_options,
         source_options=cfg.source_storage, ray_address=cfg.ray_address, echo=print,
     )  # fmt: skip
     print(f"registered v{v.version} (dim {v.dim}) in {reg.root.uri('registry')}: " + ", ".join(f"{e} {f.rows:,} rows" for e, f in v.embeddings.items()))

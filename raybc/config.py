@@ -84,7 +84,8 @@ class RegisterConfig(Options):
     source_storage: StorageOptions | None = Field(
         default=None, description="How to reach the source files when they live elsewhere than the root."
     )
-    register: RegisterOptions = Field(default_factory=RegisterOptions)
+    # YAML key ``register`` (a field of that name would shadow pydantic's ABC ``register``)
+    register_options: RegisterOptions = Field(default_factory=RegisterOptions, alias="register")
     ray_address: str | None = Field(default=None, description="Ray cluster; default $RAY_ADDRESS or a new local Ray.")
     summary_json: str | None = Field(default=None, description="Also write the published manifest as JSON to this local path.")
 

@@ -274,12 +274,14 @@ def register_version(
             k, dim=dim, method=method, aligner=b, embeddings=listing, metrics=metrics, hyperparameters=hyperparameters, extra=extra,
         )  # fmt: skip
     except BaseException:
-        for dest in copied:
-            try:
-                if not registry.is_published(k):
+        try:
+            if copied and not registry.is_published(k):
+                for dest in copied:
                     dest.remove("", recursive=True)
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
+                if not registry.root.walk_files(f"embeddings/v{k}"):
+                    registry.root.remove(f"embeddings/v{k}", recursive=True)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
         raise
 
 

@@ -80,3 +80,93 @@ def build_registry(
             hyperparameters={"seed": seed, "aligner_kind": kinds.get(k, "linear") if k else None},
         )  # fmt: skip
     return registry
+
+
+# --------------------------------------------------------------------------- two versions of a model trained elsewhere
+
+
+def _scramble(keys: np.ndarray) -> np.ndarray:
+    x = keys.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_normal(ids: np.ndarray, dim: int, *, salt: int) -> np.ndarray:
+    """Deterministic pseudo-random (n, dim) float32 rows with unit variance, a function of each id
+    alone: any file can be generated without the others, in any order (uniform on +-sqrt(3))."""
+    keys = (ids.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]) ^ np.uint64(salt * 0x632BE59BD9B4E019 & 0xFFFFFFFFFFFFFFFF)
+    u = (_scramble(keys) >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+    return ((u - np.float32(0.5)) * np.float32(2 * np.sqrt(3.0))).astype(np.float32)
+
+
+def _permuted_ids(rows: int, start: int, stop: int, mult: int, add: int) -> np.ndarray:
+    """Positions start..stop-1 of the bijection i -> (mult * i + add) mod rows: ids scattered over
+    the whole range, unsorted, with no file lining up with a file of another permutation."""
+    i = np.arange(start, stop, dtype=np.int64)
+    return ((i * mult + add) % rows).astype(np.int64)
+
+
+def _coprime(rows: int, seed: int) -> int:
+    m = int(np.random.default_rng(seed).integers(rows // 3 + 1, max(rows // 3 + 2, rows))) | 1
+    while np.gcd(m, rows) != 1:
+        m += 2
+    return m
+
+
+def planted_versions(
+    old: Storage,
+    new: Storage,
+    *,
+    rows: int,
+    d_old: int,
+    d_new: int,
+    files_old: int,
+    files_new: int,
+    noise: float,
+    seed: int = 0,
+    bias: bool = False,
+    shared: float = 1.0,
+    id_scale: int = 7,
+) -> Affine:
+    """z_new and z_old = A z_new (+ b) + noise for the same ids, written as two folders of Parquet
+    files partitioned differently, ids unsorted. Returns the planted map A (d_old, d_new) (+ b).
+
+    ``shared`` < 1 gives the new version ids the old one lacks (the rest of z_new's ids are new).
+    Streams file by file: memory is one file's rows whatever ``rows`` is.
+    """
+    import pyarrow.parquet as pq
+
+    from raybc.embeddings import WRITER_OPTIONS
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((d_old, d_new)) / np.sqrt(d_new)).astype(np.float64)
+    b = (0.5 * rng.standard_normal(d_old)) if bias else None
+    n_new_only = int(round(rows * (1 - shared)))
+
+    def write(store: Storage, files: int, total: int, mult: int, add: int, make, rename=lambda ids: ids) -> None:
+        per = -(-total // files)
+        for f in range(files):
+            lo, hi = f * per, min(total, (f + 1) * per)
+            if lo >= hi:
+                break
+            ids = rename(_permuted_ids(total, lo, hi, mult, add))
+            with store.open_output(f"part-{f:05d}.parquet") as out:
+                pq.write_table(make_table(ids * id_scale, make(ids)), out, row_group_size=ROW_GROUP_ROWS, **WRITER_OPTIONS)
+
+    def z_new(ids: np.ndarray) -> np.ndarray:
+        return hashed_normal(ids, d_new, salt=seed * 2 + 1)
+
+    def z_old(ids: np.ndarray) -> np.ndarray:
+        y = z_new(ids).astype(np.float64) @ a.T
+        if b is not None:
+            y += b
+        y += noise * hashed_normal(ids, d_old, salt=seed * 2 + 2)
+        return y.astype(np.float32)
+
+    # ids 0..rows-1 are the old version's; the new version holds the first rows - n_new_only of
+    # them plus n_new_only ids the old one never had (rows .. rows + n_new_only - 1)
+    write(old, files_old, rows, _coprime(rows, seed + 1), seed + 3, z_old)
+    write(new, files_new, rows, _coprime(rows, seed + 2), seed + 5, z_new,
+          rename=lambda ids: np.where(ids >= rows - n_new_only, ids + n_new_only, ids))  # fmt: skip
+    return Affine(a, b)

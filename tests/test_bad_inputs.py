@@ -22,6 +22,7 @@ from raybc.config import BackfillJobConfig, DemoConfig, ReconcileJobConfig, Regi
 from raybc.data.synthetic import build_registry
 from raybc.embeddings import make_table
 from raybc.errors import ConfigError, InputDataError, IntegrityError, StorageError
+from raybc.intake import RegisterOptions
 from raybc.options import load_options, validate_options
 from raybc.registry import ALIGNER_FILE, MODEL_FILE, ModelWeights, Registry
 from raybc.snapshots import Snapshots
@@ -283,7 +284,7 @@ def test_truncated_safetensors_is_refused_even_when_its_manifest_was_fixed_to_ma
         ("nan", r"z-1.parquet: row 3 \(id 8\) holds NaN"),
         ("inf", r"z-0.parquet: row 0 \(id 0\) holds Inf"),
         ("null_id", r"z-1.parquet: row 2 has a null id"),
-        ("dup_across_files", r"id 4 occurs more than once in the items embeddings to register"),
+        ("dup_across_files", r"id 4 occurs more than once in the items embeddings \(.*z-0.parquet and .*z-1.parquet\)"),
         ("id_type_drift", r"z-1.parquet: ids are string but other files of items hold int64 ids"),
         ("dim_drift", r"z-1.parquet: column 'embedding' has dimension 20, but this version's embeddings have 16"),
         ("binary_ids", r"z-1.parquet: column 'id' has type binary; ids must be integers or UTF-8 strings"),
@@ -292,7 +293,8 @@ def test_truncated_safetensors_is_refused_even_when_its_manifest_was_fixed_to_ma
         ("aligner_pickle", r"b.npy: not a plain .npy matrix"),
     ],
 )
-def test_register_refuses_bad_values_and_publishes_nothing(published, tmp_path, case, match):
+@pytest.mark.cluster
+def test_register_refuses_bad_values_and_publishes_nothing(ray_session, published, tmp_path, case, match):
     root, reg = published
     before = state(root)
     src = tmp_path / "z"
@@ -334,8 +336,11 @@ def test_register_refuses_bad_values_and_publishes_nothing(published, tmp_path, 
     else:
         np.save(tmp_path / "b.npy", b)
     with pytest.raises((InputDataError, IntegrityError), match=match):
-        reg.register(3, embeddings={"items": str(src)}, aligner=str(tmp_path / "b.npy"))
-    assert reg.versions() == [0, 1, 2]
+        if case == "bad_utf8":  # string ids: as a new registry's v0 (this one's ids are int64, and must stay so)
+            Registry(Storage(str(tmp_path / "fresh"))).register(0, embeddings={"items": str(src)})
+        else:
+            reg.register(3, embeddings={"items": str(src)}, aligner=str(tmp_path / "b.npy"), options=RegisterOptions(aligner_layout="out_in"))
+    assert reg.versions() == [0, 1, 2] and not Registry(Storage(str(tmp_path / "fresh"))).versions()
     assert state(root) == before, "a refused registration must write nothing"
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raybc.data.synthetic import build_registry, embedding_tables, random_aligner
-from raybc.embeddings import make_table
+from raybc.embeddings import make_table, read_matrix
+from raybc.gate import read_version_embeddings
 from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, RegistryError
 from raybc.registry import ALIGNER_FILE, ModelWeights, Registry
 from raybc.storage import Storage
@@ -133,7 +135,8 @@ def test_model_weights_round_trip_with_spec(storage_root):
     np.testing.assert_array_equal(back.tensors["layer.weight"], tensors["layer.weight"])
 
 
-def test_register_a_version_trained_elsewhere(storage_root, tmp_path):
+@pytest.mark.cluster
+def test_register_a_version_trained_elsewhere(ray_session, storage_root, tmp_path):
     reg = build_registry(storage_root, dims=[8, 12], rows=10, entities=["items"])
     # the user's z_2 (two files) and B_2 (in (in, out) layout) in a folder of their own
     src = tmp_path / "outside"
@@ -141,15 +144,22 @@ def test_register_a_version_trained_elsewhere(storage_root, tmp_path):
     tables = list(embedding_tables(700, 16, rows_per_file=400, seed=3))
     for i, t in enumerate(tables):
         pq.write_table(t, src / f"z-{i}.parquet")
-    b = np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)
+    # B_2 in (in, out) layout, consistent with the stored z_1 on the 10 ids both versions hold
+    z1 = dict(zip(*read_matrix(read_version_embeddings(reg, 1, "items"))))
+    z2 = dict(zip(*read_matrix(pa.concat_tables(tables))))
+    shared = sorted(set(z1) & set(z2))
+    b = np.linalg.lstsq(np.stack([z2[i] for i in shared]), np.stack([z1[i] for i in shared]), rcond=None)[0].astype(np.float32)
     np.save(tmp_path / "b2.npy", b)
     v = reg.register(2, embeddings={"items": str(src)}, aligner=str(tmp_path / "b2.npy"))
+    assert v.manifest["aligner_check"]["pairs"]["items"]["shared"] == 10
+    assert v.manifest["aligner_check"]["relative_error"]["items"]["v1"] < 1e-6
     assert (v.version, v.dim, v.method) == (2, 16, "external")
     assert v.embeddings["items"].rows == 700
     np.testing.assert_allclose(reg.aligner(2).weight, b.T)
 
 
-def test_register_refuses_bad_inputs(storage_root, tmp_path):
+@pytest.mark.cluster
+def test_register_refuses_bad_inputs(ray_session, storage_root, tmp_path):
     reg = build_registry(storage_root, dims=[8, 12], rows=10, entities=["items"])
     good = tmp_path / "z.parquet"
     pq.write_table(make_table(np.arange(5), np.zeros((5, 16), np.float32)), good)

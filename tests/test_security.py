@@ -76,9 +76,10 @@ def test_every_load_path_works_without_pickle(tmp_path, no_unpickling):
 
     pq.write_table(make_table(np.arange(3), np.ones((3, 8), np.float32)), z)
     np.save(tmp_path / "b.npy", np.ones((6, 8), np.float32))
-    assert reg.register(3, embeddings={"items": str(z)}, aligner=str(tmp_path / "b.npy")).dim == 8
+    # register reads B through these (the rows it validates in Ray tasks are Parquet, never pickles)
+    assert Registry._read_matrix(str(tmp_path / "b.npy"), None, in_dim=8, out_dim=6).in_dim == 8
     (tmp_path / "b.safetensors").write_bytes(to_bytes(Linear(np.ones((8, 10), np.float32))))  # v4 (10-d) -> v3 (8-d)
-    assert reg.register(4, embeddings={"items": str(_table(tmp_path, 10))}, aligner=str(tmp_path / "b.safetensors")).dim == 10
+    assert Registry._read_matrix(str(tmp_path / "b.safetensors"), None, in_dim=10, out_dim=8).in_dim == 10
     # Ray Train checkpoints: safetensors + JSON
     joint = Joint(nn.Linear(3, 2), None)
     opt = torch.optim.Adam(joint.parameters(), lr=0.1)
@@ -190,8 +191,14 @@ def test_planted_secrets_appear_in_no_output_manifest_or_error(
     src.mkdir()
     import pyarrow.parquet as pq
 
-    pq.write_table(make_table(np.arange(10), np.ones((10, 10), np.float32)), src / "z.parquet")
-    np.save(tmp_path / "b.npy", np.ones((8, 10), np.float32))
+    from raybc.embeddings import read_matrix
+    from raybc.gate import read_version_embeddings
+
+    z = np.random.default_rng(0).standard_normal((10, 10)).astype(np.float32)
+    pq.write_table(make_table(np.arange(10), z), src / "z.parquet")
+    ids2, z2 = read_matrix(read_version_embeddings(reg, 2, "items"))
+    b = np.linalg.lstsq(z, z2[np.searchsorted(ids2, np.arange(10))], rcond=None)[0]  # B_3 consistent with z_2 on ids 0..9
+    np.save(tmp_path / "b.npy", b.astype(np.float32))
     texts.append(repr(reg.register(3, embeddings={"items": str(src)}, aligner=str(tmp_path / "b.npy"))))
     assert cli.main(["versions", "--root", uri, "--endpoint-url", s3_server, "--json"]) == cli.EXIT_OK
     assert cli.main(["snapshots", "--root", uri, "--endpoint-url", s3_server]) == cli.EXIT_OK
@@ -211,7 +218,7 @@ def test_planted_secrets_appear_in_no_output_manifest_or_error(
     )
     assert cli.main(["backfill", "--config", str(cfg), "--no-progress"]) == cli.EXIT_FAILED  # nothing listens there
     assert cli.main(["register", "--root", uri, "--endpoint-url", s3_server, "--version", "4", "--embeddings",
-                     f"items={tmp_path / 'missing.parquet'}"]) != cli.EXIT_OK  # fmt: skip
+                     f"items={tmp_path / 'missing.parquet'}", "--aligner", str(tmp_path / "b.npy")]) != cli.EXIT_OK  # fmt: skip
     unreachable = opts.model_copy(update={"endpoint_url": "http://127.0.0.1:9", "retries": 1, "operation_attempts": 1})
     for bad in (
         lambda: Registry(Storage("s3://raybc-no-such-bucket/x", opts)).get(0),

@@ -247,7 +247,7 @@ def labels_from_table(table: pa.Table, task: str, *, version: int, source: str) 
             v = a.to_numpy(zero_copy_only=False).astype(np.float64)
             bad = np.flatnonzero((v != 0) & (v != 1))
             if bad.size:
-                problems.append(f"column 'label' holds {v[bad[0]]!r} at row {int(bad[0])} ({bad.size} row(s) not 0/1); labels are 0 or 1")
+                problems.append(f"column 'label' holds {a[int(bad[0])].as_py()!r} at row {int(bad[0])} ({bad.size} row(s) not 0/1); labels are 0 or 1")
             else:
                 cols["label"] = pa.array(v.astype(np.int8))
     if "split" in table.column_names:

@@ -310,7 +310,7 @@ class PublishGate:
         consumers = self.consumers_of_older(version)
         if consumers and aligner is None:
             raise RegistryError(f"candidate v{version} has no backward transform; consumer {consumers[0].name!r} of v{consumers[0].consumer.version} cannot be served")
-        wanted = label_ids(consumers)
+        wanted = label_ids([_eval_rows(rc.labels) for rc in consumers])  # the rows the consumers are scored on
         missing = [
             f"files: no {e!r} embeddings for candidate v{version}, but consumer(s) {', '.join(repr(rc.name) for rc in consumers if e in _entities_of(rc.labels))} "
             f"need them; give the {e} files"
@@ -368,13 +368,12 @@ class PublishGate:
 # --------------------------------------------------------------------------- reading label rows from files
 
 
-def label_ids(consumers: Sequence[RegisteredConsumer]) -> dict[str, pa.Array]:
-    """Per entity, the distinct ids of the consumers' held-out rows: all the gate needs of a candidate."""
+def label_ids(labels: Sequence[TaskLabels]) -> dict[str, pa.Array]:
+    """Per entity, the distinct ids that ``labels`` name (the gate passes the consumers' held-out rows)."""
     chunks: dict[str, list[pa.Array]] = {}
-    for rc in consumers:
-        held = _eval_rows(rc.labels)
-        for e, c in zip(_entities_of(rc.labels), id_columns(rc.labels.task)):  # (users, user_id), (items, item_id) or one of them
-            a = held.table.column(c).combine_chunks()
+    for lab in labels:
+        for e, c in zip(_entities_of(lab), id_columns(lab.task)):  # (users, user_id), (items, item_id) or one of them
+            a = lab.table.column(c).combine_chunks()
             chunks.setdefault(e, []).append(a.cast(pa.int64()) if pa.types.is_integer(a.type) else a.cast(pa.string()))
     out = {}
     for e, arrs in chunks.items():

@@ -354,3 +354,32 @@ def test_labels_from_table_normalises_types():
     assert lab.table.column_names == ["user_id", "item_id", "label", "split"]
     with pytest.raises(ConfigError, match=r"(?s)in x\.parquet .*columns \['item_id'\] are missing"):
         labels_from_table(t.drop_columns(["item_id"]), "binary-edge-rating", version=0, source="x.parquet")
+
+
+def test_filter_files_keeps_labelled_rows_by_hash_and_by_search(tmp_path):
+    """The filter task's body in process: the same rows whichever matcher the id set's size picks;
+    NaN refused in a labelled row only; label and file id kinds must agree."""
+    from raybc.errors import InputDataError
+    from raybc.gate import SORTED_MATCH_MIN_IDS, filter_files
+
+    rng = np.random.default_rng(1)
+    store = Storage(str(tmp_path / "z"))
+    ids = np.arange(3000, dtype=np.int64) * 3
+    z = rng.normal(size=(3000, 4)).astype(np.float32)
+    z[7, 2] = np.nan  # an unlabelled row: not the gate's business
+    names = write_files(store, ids, z, files=3)
+    wanted = rng.choice(np.delete(ids, 7), 50, replace=False)
+    absent = np.arange(SORTED_MATCH_MIN_IDS + 10, dtype=np.int64) * 3 + 1  # never an id in the files
+    small = filter_files(store, names, pa.array(wanted), None)
+    large = filter_files(store, names, pa.array(np.concatenate([absent, wanted])), None)
+    assert small["rows"] == large["rows"] == 3000 and small["dim"] == 4
+    assert small["table"].equals(large["table"]) and small["table"].num_rows == 50
+    got = small["table"].column("id").to_numpy()
+    np.testing.assert_array_equal(np.sort(got), np.sort(wanted))
+    np.testing.assert_array_equal(np.stack(small["table"].column("embedding").to_numpy(zero_copy_only=False)), z[got // 3])
+    with pytest.raises(InputDataError, match=r"part-00000\.parquet: row 7 \(id 21\) holds NaN or Inf"):
+        filter_files(store, names, pa.array(np.r_[wanted, 21]), None)
+    with pytest.raises(InputDataError, match=r"part-00000\.parquet: ids are integers but the consumers' labels name rows by string ids"):
+        filter_files(store, names, pa.array(["a", "b"]), None)
+    with pytest.raises(InputDataError, match=r"part-00000\.parquet: column 'embedding' has dimension 4, but this version's embeddings have 6"):
+        filter_files(store, names, pa.array(wanted), 6)

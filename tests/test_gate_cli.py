@@ -126,6 +126,7 @@ def gate(root: Storage, capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 def test_gate_accepts_a_compatible_candidate_and_refuses_a_truncated_one(storage_root, world, tmp_path, capsys, ray_session):
     root = storage_root  # a local folder and an S3 bucket: the filter tasks read either
     publish_v0(root, world)

@@ -511,7 +511,8 @@ def filter_files(store: Storage, names: Sequence[str], ids: pa.Array, expected_d
         rows += row
     if not keep_ids:
         return {"table": None, "dim": dim, "rows": rows}
-    return {"table": make_table(pa.concat_arrays(keep_ids), np.concatenate(keep_mat)), "dim": dim, "rows": rows}
+    kept = pa.concat_arrays([a.cast(pa.string()) if pa.types.is_large_string(a.type) else a for a in keep_ids])  # the labels' id type
+    return {"table": make_table(kept, np.concatenate(keep_mat)), "dim": dim, "rows": rows}
 
 
 def _matcher(ids: pa.Array, cache: dict[str, np.ndarray]):

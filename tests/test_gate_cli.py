@@ -226,6 +226,13 @@ def test_consumers_list_and_remove_round_trip(tmp_path, world, capsys, ray_sessi
     assert cli.main(["consumers", "remove", *flags(root), "--name", NAME]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert f"no consumer {NAME!r} registered" in err and "Traceback" not in err
+    # registered again, with the recipe's fields as flags
+    code = cli.main(["consumers", "register", *flags(root), "--name", NAME, "--task", TASK, "--labels", labels, "--version", "0",
+                     "--hidden", "8", "--epochs", "60", "--json"])  # fmt: skip
+    assert code == cli.EXIT_OK and json.loads(capsys.readouterr().out)["hidden"] == 8
+    assert ConsumerStore(root).load(NAME).consumer.spec["recipe"]["epochs"] == 60
+    assert cli.main(["consumers", "remove", *flags(root), "--name", NAME]) == cli.EXIT_OK
+    capsys.readouterr()
     # with no consumer left, a candidate has nobody to refuse it
     emb, b = candidate(root, world, "bad")
     code, out, err = gate(root, capsys, "--embeddings", f"users={emb}", "--aligner", b)
@@ -307,6 +314,12 @@ def test_labels_that_are_not_parquet_or_missing_exit_2(tmp_path, capsys):
         code = cli.main(["consumers", "register", "--root", str(tmp_path / "r"), "--name", NAME, "--task", TASK, "--labels", path, "--version", "0"])
         err = capsys.readouterr().err
         assert code == cli.EXIT_CONFIG and f"--labels: {path}" in err and text in err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("hiden: [8]\nepochs: 0\n")
+    code = cli.main(["consumers", "register", "--root", str(tmp_path / "r"), "--name", NAME, "--task", TASK, "--labels", str(bogus),
+                     "--version", "0", "--recipe", str(recipe)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG and str(recipe) in err and "hiden: unknown field" in err and "epochs:" in err
 
 
 def test_gate_usage_errors_exit_2_before_any_work(tmp_path, world, capsys):

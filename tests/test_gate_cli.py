@@ -197,6 +197,15 @@ def test_gate_checks_a_published_version_and_matches_the_in_memory_gate(tmp_path
     in_memory = g.evaluate(1, aligner=reg.aligner(1), embeddings={"users": read_version_embeddings(reg, 1, "users")})
     assert [r.candidate_auc for r in from_files.rows] == pytest.approx([r.candidate_auc for r in in_memory.rows], abs=1e-9)
     assert from_files.ok and in_memory.scanned is None and from_files.scanned["users"]["rows"] == ROWS
+    # check_files: the same report, and GateRefused past the threshold (here: B truncates instead of inverting)
+    from raybc.gate import GateRefused
+    from raybc.transforms import Affine
+
+    shown: list[str] = []
+    assert g.check_files(1, aligner=reg.aligner(1), files={"users": (store, names)}, echo=shown.append).ok and "accepted" in shown[-1]
+    with pytest.raises(GateRefused, match=r"(?s)consumer 'activity-team' \(user-activity, trained on v0\).*nothing was published") as refused:
+        g.check_files(1, aligner=Affine(np.eye(D0, D1, dtype=np.float32)), files={"users": (store, names)}, echo=shown.append)
+    assert "REFUSED" in shown[-1] and not refused.value.report.ok and refused.value.report.scanned["users"]["rows"] == ROWS
     # the consumer's entity must be given
     with pytest.raises(ConfigError, match=r"no 'users' embeddings for candidate v2, but consumer\(s\) 'activity-team' need them"):
         g.evaluate_files(2, aligner=reg.aligner(1), files={"items": (store, names)})

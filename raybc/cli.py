@@ -1,7 +1,8 @@
 """The ``raybc`` command line, and the flag parsing the thin ``jobs/*.py`` entry points share.
 
 Commands: ``demo``, ``backfill``, ``reconcile``, ``retention``, ``register``, ``versions``,
-``snapshots``, ``discard``, ``train``, ``experiment``.
+``snapshots``, ``discard``, ``train``, ``experiment``, ``consumers`` (``register``, ``list``,
+``remove``), ``gate``.
 Options come from ``--config FILE`` (YAML), from flags, or both (flags win). Errors raised on
 purpose (:class:`~raybc.errors.RaybcError`) are printed as one clear message and exit non-zero,
 without a traceback. Credentials are never taken as flags (they would show in process lists and
@@ -614,6 +615,276 @@ def run_experiment_job(cfg) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- consumers and the publish gate
+
+
+def _entity_uris(flag: str, values: list[str]) -> dict[str, str]:
+    """``ENTITY=URI`` flags -> {entity: uri}; an entity given twice is an error (which one was meant?)."""
+    from raybc.storage import StorageError, check_segment
+
+    pairs: dict[str, str] = {}
+    problems = []
+    for item in values:
+        if "=" not in item:
+            problems.append(f"{flag}: expected ENTITY=URI (e.g. users=s3://bucket/z5/users/), got {item!r}")
+            continue
+        e, uri = (x.strip() for x in item.split("=", 1))
+        try:
+            check_segment(e, what="entity name")
+        except StorageError as exc:
+            problems.append(f"{flag}: {exc}")
+            continue
+        if e in pairs:
+            problems.append(f"{flag}: entity {e!r} is given twice ({pairs[e]} and {uri}); give each entity once")
+            continue
+        pairs[e] = uri
+    if problems:
+        raise ConfigError(problems)
+    return pairs
+
+
+def _read_labels(uri: str, options, *, task: str, version: int):
+    """The labels Parquet file (a local path or a URI), checked up front (ConfigError names file and column)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybc.consumers import labels_from_table
+    from raybc.storage import Storage
+
+    parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
+    try:
+        data = Storage(parent, options).read_bytes(name)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError([f"--labels: {uri}: no such file; give a Parquet file of labelled rows"]) from None
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError([f"--labels: {uri} is not a readable Parquet file ({exc})"]) from None
+    return labels_from_table(table, task, version=version, source=uri)
+
+
+def _consumers_register(argv: Sequence[str]) -> int:
+    from raybc.consumers import TASKS, ConsumerOptions
+    from raybc.gate import ConsumerStore, label_ids, read_label_rows, version_files
+    from raybc.options import load_options
+    from raybc.registry import Registry
+    from raybc.storage import StorageError, check_segment
+
+    p = _root_parser(
+        "raybc consumers register",
+        "Register a consumer of version J with the publish gate: its labelled rows and its model, trained here by the "
+        "recipe on J's published embeddings (only the labelled rows are read, by Ray tasks).",
+    )
+    p.add_argument("--name", required=True, help="the consumer's name (a folder name: letters, digits, - _ .)")
+    p.add_argument("--task", required=True, choices=TASKS, help="the consumer task (what its labels mean and which ids they carry)")
+    p.add_argument(
+        "--labels", required=True, metavar="FILE.parquet",
+        help="labelled rows: id (user/item tasks) or user_id + item_id (binary-edge-rating), label (0/1), split (train/val/test)",
+    )  # fmt: skip
+    p.add_argument("--version", type=int, required=True, help="the published version J the consumer reads")
+    p.add_argument("--recipe", metavar="YAML", help="the consumer recipe (ConsumerOptions: hidden, dropout, seeds, epochs, lr, ...)")
+    p.add_argument("--hidden", help="hidden sizes tried on the val split, comma-separated (overrides the recipe)")
+    p.add_argument("--epochs", type=int, help="full-batch Adam steps (overrides the recipe)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    a = p.parse_args(argv)
+    try:
+        check_segment(a.name, what="consumer name")
+    except StorageError as exc:
+        raise ConfigError([f"--name: {exc}"]) from None
+    over: dict[str, Any] = {}
+    if a.hidden is not None:
+        over["hidden"] = _int_list("--hidden", a.hidden)
+    if a.epochs is not None:
+        over["epochs"] = a.epochs
+    recipe = load_options(ConsumerOptions, file=a.recipe, overrides=over)
+    root = _storage_from(a)
+    labels = _read_labels(a.labels, root.options, task=a.task, version=a.version)
+    store = ConsumerStore(root)
+    if a.name in store.names():
+        raise ConfigError([f"--name: consumer {a.name!r} is already registered at {root.uri('consumers')}; choose another name or remove it first"])
+    registry = Registry(root)
+    if not registry.is_published(a.version):
+        raise ConfigError([f"--version: v{a.version} is not published in {root.uri('registry')} (published: {', '.join(f'v{v}' for v in registry.versions()) or 'none'})"])
+    ids = label_ids([labels])
+    rows = read_label_rows(version_files(registry, a.version, list(ids)), ids, expected_dim=registry.get(a.version).dim, ray_address=a.ray_address)
+    rc = store.register(a.name, labels, version=a.version, recipe=recipe, embeddings=rows.tables)
+    info = {**store.summary(a.name), "hidden": rc.consumer.spec.get("hidden"), "dropout": rc.consumer.spec.get("dropout")}
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(
+            f"registered consumer {a.name!r} ({a.task}, trained on v{a.version}, hidden {info['hidden']}, dropout {info['dropout']}): "
+            f"baseline ROC-AUC {rc.baseline_auc:.4f} on its held-out rows; {labels.rows:,} label rows in {root.uri('consumers', a.name)}"
+        )
+    return EXIT_OK
+
+
+def _consumers_list(argv: Sequence[str]) -> int:
+    from raybc.gate import ConsumerStore
+
+    a = _root_parser("raybc consumers list", "List the consumers registered with the publish gate.").parse_args(argv)
+    store = ConsumerStore(_storage_from(a))
+    rows = [store.summary(n) for n in store.names()]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no consumers registered at {store.root.uri('consumers')}")
+    else:
+        for r in rows:
+            print(f"{r['name']:<28} {r['task']:<24} v{r['version']}  baseline ROC-AUC {r['baseline_auc']:.4f}  {r['label_rows']:>9,} label rows")
+    return EXIT_OK
+
+
+def _consumers_remove(argv: Sequence[str]) -> int:
+    from raybc.gate import ConsumerStore
+
+    p = _root_parser("raybc consumers remove", "Remove a registered consumer: the gate stops asking it.")
+    p.add_argument("--name", required=True)
+    a = p.parse_args(argv)
+    removed = ConsumerStore(_storage_from(a)).remove(a.name)
+    if a.json:
+        print(json.dumps({"name": a.name, "removed": removed}, indent=2))
+    else:
+        print(f"removed consumer {a.name!r} ({len(removed)} files)")
+    return EXIT_OK
+
+
+CONSUMER_ACTIONS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "register": (_consumers_register, "register a consumer of a version (labels + a recipe trained on its embeddings)"),
+    "list": (_consumers_list, "list registered consumers"),
+    "remove": (_consumers_remove, "remove a registered consumer"),
+}
+
+
+def run_consumers(argv: Sequence[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: raybc consumers ACTION [options]   (raybc consumers ACTION --help for its options)\n\nactions:")
+        for name, (_, text) in CONSUMER_ACTIONS.items():
+            print(f"  {name:<10} {text}")
+        return EXIT_OK if argv else EXIT_CONFIG
+    if argv[0] not in CONSUMER_ACTIONS:
+        raise ConfigError([f"raybc consumers: unknown action {argv[0]!r}; choose one of: {', '.join(CONSUMER_ACTIONS)}"])
+    return CONSUMER_ACTIONS[argv[0]][0](argv[1:])
+
+
+# B_K's two layouts: out_in is (d_{K-1}, d_K) with y = W z (torch.nn.Linear's weight), in_out is
+# (d_K, d_{K-1}) with y = z @ M. A non-square matrix's shape tells them apart; a square one's cannot.
+ALIGNER_LAYOUTS = ("out_in", "in_out")
+
+
+def _read_aligner(uri: str, layout: str | None, options, *, in_dim: int, out_dim: int):
+    """B_K through the registry's reader, in the layout the user named (required when square)."""
+    from raybc.registry import Registry
+    from raybc.transforms import Affine
+
+    if in_dim == out_dim and layout is None:
+        raise ConfigError([
+            f"--aligner-layout: B maps {in_dim}-d to {out_dim}-d, so {uri} is square and both layouts fit; give "
+            f"--aligner-layout out_in if it is (d_K-1, d_K) with y = W z (torch.nn.Linear's weight) or in_out if it is "
+            f"(d_K, d_K-1) with y = z @ M"
+        ])  # fmt: skip
+    if layout is not None and in_dim != out_dim and uri.endswith(".npy"):
+        shape = _npy_shape(uri, options)
+        said = (out_dim, in_dim) if layout == "out_in" else (in_dim, out_dim)
+        if shape is not None and shape != said:
+            raise ConfigError([f"--aligner-layout: {layout} means a ({said[0]}, {said[1]}) matrix, but {uri} holds {shape}; fix the flag or the file"])
+    t = Registry._read_matrix(uri, options, in_dim=in_dim, out_dim=out_dim)
+    if layout is not None and not t.is_affine:
+        raise ConfigError([f"--aligner-layout: {uri} holds a non-linear transform ({t.spec().get('kind')}); the layout is for matrices: drop the flag"])
+    if layout == "in_out" and in_dim == out_dim:
+        t = Affine(t.weight.T.copy(), t.bias)  # _read_matrix reads a square matrix as out_in
+    return t
+
+
+def _npy_shape(uri: str, options) -> tuple[int, ...] | None:
+    """The shape in a .npy header (None when unreadable: the registry's reader then says why)."""
+    import io
+
+    import numpy as np
+
+    from raybc.storage import Storage
+
+    parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
+    try:
+        f = io.BytesIO(Storage(parent, options).read_bytes(name))
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, _ = read_header(f)  # the header only; never unpickles
+        return tuple(int(x) for x in shape)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def run_gate(argv: Sequence[str]) -> int:
+    from raybc.gate import GateOptions, GateRefused, PublishGate, file_dim, parquet_files, version_files
+    from raybc.options import validate_options
+    from raybc.registry import Registry
+
+    p = _root_parser(
+        "raybc gate",
+        "Check a candidate version K against every registered consumer of an older version: its embeddings mapped by "
+        "its B_K (and the published older B's) must keep each consumer's ROC-AUC within --max-degradation. Only the "
+        "consumers' labelled rows are read (by Ray tasks). Nothing is published. Without --embeddings, checks the "
+        "published v K. Exit 0 accepted, 1 refused, 2 bad usage.",
+    )
+    p.add_argument("--version", type=int, required=True, help="the candidate version K (the next one after the newest published)")
+    p.add_argument("--embeddings", action="append", metavar="ENTITY=URI", help="z_K of an entity: a Parquet file or folder; repeat per entity")
+    p.add_argument("--aligner", metavar="FILE", help="B_K: v K -> v K-1 as .npy or .safetensors (with --embeddings)")
+    p.add_argument("--aligner-layout", choices=ALIGNER_LAYOUTS, help="out_in: (d_K-1, d_K), y = W z; in_out: (d_K, d_K-1), y = z @ M; required when square")
+    p.add_argument("--max-degradation", type=float, help="relative ROC-AUC drop a consumer tolerates (default 0.02)")
+    p.add_argument("--consumer", action="append", help="check only this consumer; repeat (default: every registered one)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
+    a = p.parse_args(argv)
+    opts = validate_options(GateOptions, _given(a, "max_degradation") | ({"consumers": a.consumer} if a.consumer else {}), source="command-line flags")
+    root = _storage_from(a)
+    registry = Registry(root)
+    k = a.version
+    if k < 1:
+        raise ConfigError([f"--version: v{k} has no older version, so no consumer to protect; give K >= 1"])
+    if a.embeddings:
+        pairs = _entity_uris("--embeddings", a.embeddings)
+        problems = []
+        if a.aligner is None:
+            problems.append(f"--aligner: a candidate given by --embeddings needs its B_{k} (v{k} -> v{k - 1}) as .npy or .safetensors")
+        if registry.is_published(k):
+            problems.append(f"--version: v{k} is already published in {root.uri('registry')}; omit --embeddings and --aligner to check it, or give the next version")
+        elif not registry.is_published(k - 1):
+            problems.append(f"--version: v{k - 1} is not published in {root.uri('registry')} (published: {', '.join(f'v{v}' for v in registry.versions()) or 'none'}); a candidate follows a published version")
+        if problems:
+            raise ConfigError(problems)
+        try:
+            files = {e: parquet_files(uri, root.options) for e, uri in pairs.items()}
+        except RaybcError as exc:
+            raise ConfigError([f"--embeddings: {exc}"]) from None
+        first_store, first_names = next(iter(files.values()))
+        aligner = _read_aligner(a.aligner, a.aligner_layout, root.options, in_dim=file_dim(first_store, first_names[0]), out_dim=registry.get(k - 1).dim)
+    else:
+        if a.aligner or a.aligner_layout:
+            raise ConfigError(["--aligner: only with --embeddings (a published version is checked with its own B)"])
+        if not registry.is_published(k):
+            raise ConfigError([f"--version: v{k} is not published in {root.uri('registry')}; give the candidate's files with --embeddings ENTITY=URI and --aligner FILE"])
+        files = version_files(registry, k)
+        aligner = registry.aligner(k)
+    report = PublishGate(root, options=opts).evaluate_files(k, aligner=aligner, files=files, ray_address=a.ray_address)
+    if a.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.table())
+        if not report.rows:
+            print(f"  (no registered consumer of a version older than v{k}: nothing to check)")
+    if report.ok:
+        return EXIT_OK
+    if a.embeddings:
+        raise GateRefused(report)  # its message ends "nothing was published"
+    bad = ", ".join(f"{r.name!r} ({100 * r.degradation:.2f}%)" for r in report.rows if not r.ok)
+    raise RaybcError(
+        f"published v{k} degrades consumer(s) {bad} beyond {100 * report.max_degradation:.2f}%; it stays published (published "
+        f"versions are immutable): keep those consumers on snapshots of their own version, or publish a compatible v{k + 1}"
+    )
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -643,6 +914,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "versions": (run_versions, "list published versions"),
     "snapshots": (run_snapshots, "list committed snapshots"),
     "discard": (run_discard, "remove the files of an interrupted publish"),
+    "consumers": (run_consumers, "register, list or remove the consumers the publish gate asks"),
+    "gate": (run_gate, "check a candidate version against every registered consumer (publishes nothing)"),
 }
 
 

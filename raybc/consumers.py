@@ -204,6 +204,81 @@ def build_all_labels(data: InteractionData, sl: VersionSlice, *, tasks: Sequence
     return {t: build_labels(data, sl, t, min_item_ratings=min_item_ratings, split_seed=split_seed) for t in tasks}
 
 
+def id_columns(task: str) -> tuple[str, ...]:
+    """The id columns of ``task``'s labels: ``user_id`` + ``item_id`` for edge tasks, else ``id``."""
+    return ("user_id", "item_id") if TASK_KIND[task] == "edge" else ("id",)
+
+
+def labels_from_table(table: pa.Table, task: str, *, version: int, source: str) -> TaskLabels:
+    """Labels written by someone else, checked against the layout of :class:`TaskLabels`.
+
+    Every problem is reported at once (:class:`ConfigError` naming ``source`` and the column) before
+    any training starts. Ids become int64 (integers) or stay UTF-8; labels become int8.
+    """
+    if task not in TASK_KIND:
+        raise ConfigError([f"task: unknown consumer task {task!r}; choose one of: {', '.join(TASKS)}"], source=source)
+    problems: list[str] = []
+    need = (*id_columns(task), "label", "split")
+    absent = [c for c in need if c not in table.column_names]
+    if absent:
+        hint = "edge tasks need user_id and item_id" if TASK_KIND[task] == "edge" else f"{TASK_KIND[task]} tasks need id"
+        problems.append(f"columns {absent} are missing (found {table.column_names}); {task} labels need {list(need)} ({hint})")
+    if table.num_rows == 0:
+        problems.append("the file holds no rows; a consumer needs labelled rows")
+    cols: dict[str, pa.Array] = {}
+    for c in id_columns(task):
+        if c not in table.column_names:
+            continue
+        a = table.column(c).combine_chunks()
+        if pa.types.is_integer(a.type):
+            a = a.cast(pa.int64())
+        elif not (pa.types.is_string(a.type) or pa.types.is_large_string(a.type)):
+            problems.append(f"column {c!r} has type {a.type}; ids must be integers or UTF-8 strings, as in the embeddings")
+        if a.null_count:
+            problems.append(f"column {c!r} has {a.null_count} null id(s) (first at row {_first_null(a)}); every row needs its id")
+        cols[c] = a
+    if "label" in table.column_names:
+        a = table.column("label").combine_chunks()
+        if not (pa.types.is_integer(a.type) or pa.types.is_boolean(a.type) or pa.types.is_floating(a.type)):
+            problems.append(f"column 'label' has type {a.type}; give 0/1 integers")
+        elif a.null_count:
+            problems.append(f"column 'label' has {a.null_count} null(s) (first at row {_first_null(a)}); give every row 0 or 1")
+        else:
+            v = a.to_numpy(zero_copy_only=False).astype(np.float64)
+            bad = np.flatnonzero((v != 0) & (v != 1))
+            if bad.size:
+                problems.append(f"column 'label' holds {a[int(bad[0])].as_py()!r} at row {int(bad[0])} ({bad.size} row(s) not 0/1); labels are 0 or 1")
+            else:
+                cols["label"] = pa.array(v.astype(np.int8))
+    if "split" in table.column_names:
+        a = table.column("split").combine_chunks()
+        if not (pa.types.is_string(a.type) or pa.types.is_large_string(a.type)):
+            problems.append(f"column 'split' has type {a.type}; give the strings {', '.join(SPLITS)}")
+        else:
+            ok = pc.fill_null(pc.is_in(a, value_set=pa.array(SPLITS, a.type)), False).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(~ok)
+            if bad.size:
+                problems.append(
+                    f"column 'split' holds {a[int(bad[0])].as_py()!r} at row {int(bad[0])} ({bad.size} row(s)); "
+                    f"each row's split is one of {', '.join(SPLITS)}"
+                )
+            else:
+                cols["split"] = a.cast(pa.string())
+    if "label" in cols and "split" in cols:
+        y, split = cols["label"].to_numpy(), np.asarray(cols["split"].to_pylist())
+        for s in ("train", "val"):  # the consumer is fitted on train and chosen on val
+            ys = y[split == s]
+            if len(np.unique(ys)) < 2:
+                problems.append(f"split {s!r} has {len(ys)} row(s) and {'no' if not len(ys) else 'a single'} class; it needs both 0 and 1 labels")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return TaskLabels(task, int(version), pa.table({**{c: cols[c] for c in id_columns(task)}, "label": cols["label"], "split": cols["split"]}))
+
+
+def _first_null(a: pa.Array) -> int:
+    return int(np.flatnonzero(a.is_null().to_numpy(zero_copy_only=False))[0])
+
+
 # --------------------------------------------------------------------------- features
 
 
@@ -380,5 +455,5 @@ class Consumer:
 
 __all__ = [
     "TASKS", "TASK_KIND", "Consumer", "ConsumerOptions", "TaskLabels", "build_all_labels", "build_labels", "features",
-    "roc_auc", "window_edges",
+    "id_columns", "labels_from_table", "roc_auc", "window_edges",
 ]  # fmt: skip

@@ -10,7 +10,7 @@ from raybc.consumers import ConsumerOptions, build_labels, features
 from raybc.data.interactions import synthetic_interactions
 from raybc.data.slicing import temporal_versions
 from raybc.errors import AlreadyExistsError, IntegrityError, RegistryError
-from raybc.gate import ConsumerStore, GateOptions, GateRefused, PublishGate, read_version_embeddings
+from raybc.gate import ConsumerStore, GateOptions, GateRefused, PublishGate, read_version_embeddings, version_files
 from raybc.registry import Registry
 from raybc.storage import Storage
 from raybc.train.fit import TrainOptions, fit_version
@@ -79,6 +79,11 @@ def test_gate_accepts_bc_aligner(tmp_path, data, ray_session):
     assert auc >= rc.baseline_auc * 0.95
     report = gate.evaluate(1, aligner=reg.aligner(1), embeddings={e: read_version_embeddings(reg, 1, e) for e in ("users", "items")})
     assert report.ok and report.rows[0].candidate_auc == pytest.approx(auc, abs=1e-6)
+    # the file-based gate (Ray tasks keep the labelled users and items) scores the same edge consumer
+    from_files = gate.evaluate_files(1, aligner=reg.aligner(1), files=version_files(reg, 1))
+    assert from_files.ok and from_files.rows[0].candidate_auc == pytest.approx(report.rows[0].candidate_auc, abs=1e-9)
+    assert set(from_files.scanned) == {"users", "items"}
+    assert all(0 < s["matched"] < s["rows"] for s in from_files.scanned.values())
 
 
 def test_consumer_store_round_trip_and_tamper(storage_root, data):

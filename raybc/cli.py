@@ -775,46 +775,20 @@ ALIGNER_LAYOUTS = ("out_in", "in_out")
 
 
 def _read_aligner(uri: str, layout: str | None, options, *, in_dim: int, out_dim: int):
-    """B_K through the registry's reader, in the layout the user named (required when square)."""
+    """B_K through the registry's reader, in the layout the user named (required when square);
+    a flag that contradicts the file, or a square B without one, is a usage error (exit 2)."""
+    from raybc.errors import IntegrityError
     from raybc.registry import Registry
-    from raybc.transforms import Affine
 
-    if in_dim == out_dim and layout is None:
-        raise ConfigError([
-            f"--aligner-layout: B maps {in_dim}-d to {out_dim}-d, so {uri} is square and both layouts fit; give "
-            f"--aligner-layout out_in if it is (d_K-1, d_K) with y = W z (torch.nn.Linear's weight) or in_out if it is "
-            f"(d_K, d_K-1) with y = z @ M"
-        ])  # fmt: skip
-    if layout is not None and in_dim != out_dim and uri.endswith(".npy"):
-        shape = _npy_shape(uri, options)
-        said = (out_dim, in_dim) if layout == "out_in" else (in_dim, out_dim)
-        if shape is not None and shape != said:
-            raise ConfigError([f"--aligner-layout: {layout} means a ({said[0]}, {said[1]}) matrix, but {uri} holds {shape}; fix the flag or the file"])
-    t = Registry._read_matrix(uri, options, in_dim=in_dim, out_dim=out_dim)
+    try:
+        t = Registry._read_matrix(uri, options, in_dim=in_dim, out_dim=out_dim, layout=layout)
+    except IntegrityError as exc:
+        if "--aligner-layout" in str(exc) or (layout is not None and "layout" in str(exc)):
+            raise ConfigError([f"--aligner-layout: {exc}"]) from None
+        raise
     if layout is not None and not t.is_affine:
         raise ConfigError([f"--aligner-layout: {uri} holds a non-linear transform ({t.spec().get('kind')}); the layout is for matrices: drop the flag"])
-    if layout == "in_out" and in_dim == out_dim:
-        t = Affine(t.weight.T.copy(), t.bias)  # _read_matrix reads a square matrix as out_in
     return t
-
-
-def _npy_shape(uri: str, options) -> tuple[int, ...] | None:
-    """The shape in a .npy header (None when unreadable: the registry's reader then says why)."""
-    import io
-
-    import numpy as np
-
-    from raybc.storage import Storage
-
-    parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri else (".", uri)
-    try:
-        f = io.BytesIO(Storage(parent, options).read_bytes(name))
-        fmt = np.lib.format
-        read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-        shape, _, _ = read_header(f)  # the header only; never unpickles
-        return tuple(int(x) for x in shape)
-    except (FileNotFoundError, ValueError, OSError):
-        return None
 
 
 def run_gate(argv: Sequence[str]) -> int:

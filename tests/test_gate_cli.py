@@ -172,7 +172,7 @@ def test_square_aligner_needs_its_layout(tmp_path, world, capsys, ray_session):
     # a non-square matrix whose stored shape contradicts the flag
     emb, b = candidate(root, world, "good")
     code, out, err = gate(root, capsys, "--embeddings", f"users={emb}", "--aligner", b, "--aligner-layout", "in_out")
-    assert code == cli.EXIT_CONFIG and "in_out means a (12, 8) matrix" in err and "(8, 12)" in err
+    assert code == cli.EXIT_CONFIG and "B has shape (8, 12), but layout in_out" in err and "needs (12, 8)" in err
     code, out, err = gate(root, capsys, "--embeddings", f"users={emb}", "--aligner", b, "--aligner-layout", "out_in")
     assert code == cli.EXIT_OK, err
 

@@ -406,3 +406,39 @@ def test_filter_files_keeps_labelled_rows_by_hash_and_by_search(tmp_path):
         filter_files(store, names, pa.array(["a", "b"]), None)
     with pytest.raises(InputDataError, match=r"part-00000\.parquet: column 'embedding' has dimension 4, but this version's embeddings have 6"):
         filter_files(store, names, pa.array(wanted), 6)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_register_runs_the_gate_and_a_refused_version_publishes_nothing(tmp_path, world, capsys, ray_session):
+    root = Storage(str(tmp_path / "root"))
+    publish_v0(root, world)
+    register_consumer(root, world, tmp_path, capsys)
+    reg = Registry(root)
+    emb, b = candidate(root, world, "bad")  # an unrelated model's z_1, B_1 its truncation
+    # the measured check alone refuses it (it maps z_1 further from z_0 than zeros would) ...
+    assert cli.main(["register", *flags(root), "--version", "1", "--embeddings", f"users={emb}", "--aligner", b]) == cli.EXIT_FAILED
+    assert "further from the stored z_0 than mapping every vector to zeros" in capsys.readouterr().err
+    # ... and with the check skipped, the publish gate refuses it, naming the consumer
+    code = cli.main(["register", *flags(root), "--version", "1", "--embeddings", f"users={emb}", "--aligner", b, "--check-rows", "0"])
+    out = capsys.readouterr()
+    assert code == cli.EXIT_FAILED and "publish gate refused v1" in out.err and NAME in out.err, out.err
+    assert "REFUSED" in out.out
+    assert reg.versions() == [0] and not root.exists("registry/v1/aligner.safetensors") and not root.walk_files("embeddings/v1")
+    # a B that passes the check but drops the two dimensions the consumer reads: the gate refuses it too
+    z1, good = world["good"]
+    broken = good.copy()
+    broken[:2] = 0  # B z_1 = z_0 with dims 0 and 1 zeroed: relative error ~0.25 < 1, the consumer's signal gone
+    inbox = root.child("incoming", "broken")
+    write_files(inbox.child("users"), world["ids"], z1)
+    code = cli.main(["register", *flags(root), "--version", "1", "--embeddings", f"users={inbox.uri('users')}",
+                     "--aligner", put_npy(inbox, "b1.npy", broken)])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == cli.EXIT_FAILED and "publish gate refused v1" in out.err, out.err
+    assert reg.versions() == [0] and not root.walk_files("embeddings/v1")
+    # the compatible candidate passes the check and the gate, and is published
+    emb, b = candidate(root, world, "good")
+    assert cli.main(["register", *flags(root), "--version", "1", "--embeddings", f"users={emb}", "--aligner", b]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "publish gate for v1" in out and "accepted" in out
+    assert Registry(root).versions() == [0, 1]

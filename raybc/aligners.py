@@ -166,7 +166,7 @@ def judge(scans: Sequence[EntityScan], transform: Transform, chain: FanOutPlan |
     return out
 
 
-def pair_counts(scans: Sequence[EntityScan], threshold_part: str = "fit") -> dict[str, dict[str, int]]:
+def pair_counts(scans: Sequence[EntityScan]) -> dict[str, dict[str, int]]:
     counts = {}
     for s in scans:
         hold = sum(run_on_pairs(_count, s.pairs, s.threshold, "holdout")) if s.pairs else 0

@@ -52,7 +52,7 @@ class AlignerFitOptions(Options):
     kind: Literal["linear", "affine", "orthogonal", "residual_mlp"] = "linear"
     fit_rows: int | None = Field(
         default=1_000_000, ge=1,
-        description="Pairs sampled by id hash (held-out share included); all pairs when fewer exist; null: all pairs.",
+        description="Pairs sampled by id hash in total over all entities, each at the same rate (held-out share included); all pairs when fewer exist; null: all pairs.",
     )  # fmt: skip
     holdout: float = Field(default=0.1, gt=0, lt=0.9, description="Share of the sampled ids held out to report the error.")
     ridge: float = Field(default=0.0, ge=0, description="lambda in mean |y - W x|^2 + lambda |W|^2 (linear, affine).")
@@ -157,6 +157,8 @@ def judge(scans: Sequence[EntityScan], transform: Transform, chain: FanOutPlan |
                 acc[0] += e
                 acc[1] += r["ref"][j]
         out[s.entity] = {j: (e / ref if ref > 0 else float("nan")) for j, (e, ref) in sums.items()}
+        if not sums:  # no pair of this entity in ``part`` (a tiny entity's sample): nothing measured
+            out[s.entity] = {f"v{j}": float("nan") for j in [parent, *(range(parent) if chain is not None else [])]}
         for j, (e, ref) in sums.items():
             t = totals.setdefault(j, [0.0, 0.0])
             t[0] += e

@@ -333,7 +333,7 @@ def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
     p.add_argument("--aligner-layout", choices=["out_in", "in_out"],
                    help="out_in: (d_{k-1}, d_k), y = B z (torch.nn.Linear weight); in_out: (d_k, d_{k-1}), y = z @ B. Required for a square B")  # fmt: skip
     p.add_argument("--fit-aligner", choices=["linear", "affine", "orthogonal", "residual_mlp"], help="fit B_k from the shared ids instead")
-    p.add_argument("--fit-rows", help="pairs to sample by id hash for the fit (default 1000000; 'all': every shared id)")
+    p.add_argument("--fit-rows", help="pairs to sample by id hash for the fit, in total over the entities (default 1000000; 'all': every shared id)")
     p.add_argument("--holdout", type=float, help="share of sampled ids held out to report the error (default 0.1)")
     p.add_argument("--ridge", type=float, help="ridge penalty for linear/affine (default 0)")
     p.add_argument("--hidden", type=int, help="residual_mlp hidden units")
@@ -341,7 +341,7 @@ def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="residual_mlp Ray Train workers (0: in-process)")
     p.add_argument("--use-gpu", action="store_true", help="residual_mlp on GPU workers")
     p.add_argument("--in-place", action="store_true", help="leave the files where they are (size and ETag/mtime recorded; later changes refused)")
-    p.add_argument("--check-rows", type=int, help="shared ids sampled to measure a given B (default 100000; 0: skip)")
+    p.add_argument("--check-rows", type=int, help="shared ids sampled to measure a given B, in total over the entities (default 100000; 0: skip)")
     p.add_argument("--method", help="method name to record (default: external)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     p.add_argument("--summary-json", help="also write the published manifest as JSON to this local file")

@@ -45,6 +45,36 @@ from raybc.transforms import Transform
 # Relative error of a B in the parent's space at or above which it is refused: mapping every
 # vector to zeros scores exactly 1.
 WORSE_THAN_ZEROS = 1.0
+# An entity is judged on its own only with at least this many held-out pairs; below it the
+# estimate is noise (5 ids of a small table can score 1.2 for a B that is fine on 2,000), so such
+# entities count through the error pooled over all entities, and are shown, not refused.
+MIN_JUDGED = 100
+
+
+def split_target(target: int | None, rows: Mapping[str, int]) -> dict[str, int | None]:
+    """``--fit-rows`` / ``--check-rows`` is a total over entities: each gets its share of rows,
+    so every entity is sampled at the same rate (at least one pair each when the total allows)."""
+    total = sum(rows.values())
+    if target is None or target == 0 or total == 0:
+        return {e: target for e in rows}
+    return {e: max(1, round(target * n / total)) if n else 0 for e, n in rows.items()}
+
+
+def refused(report: AlignerReport, parent: int) -> dict[str, float]:
+    """Entities (or "all") whose B maps further from z_parent than zeros do, on enough evidence."""
+    space = f"v{parent}"
+    bad = {
+        e: errs[space] for e, errs in report.error.items()
+        if e != "all" and report.pairs[e]["holdout"] >= MIN_JUDGED and not errs[space] < WORSE_THAN_ZEROS
+    }  # fmt: skip
+    pooled = report.error.get("all")
+    if pooled is not None and not pooled[space] < WORSE_THAN_ZEROS:
+        bad["all"] = pooled[space]
+    if not bad and len(report.error) == 1:  # one entity: its error is the pooled one, whatever its size
+        (e, errs), = report.error.items()
+        if not errs[space] < WORSE_THAN_ZEROS:
+            bad[e] = errs[space]
+    return bad
 
 
 class RegisterOptions(Options):
@@ -58,7 +88,7 @@ class RegisterOptions(Options):
     )
     in_place: bool = Field(default=False, description="Leave the files where they are (size and ETag/mtime recorded).")
     check_rows: int = Field(
-        default=100_000, ge=0, description="Shared ids sampled to measure a given B (0: no check, recorded as skipped)."
+        default=100_000, ge=0, description="Shared ids sampled to measure a given B, in total over the entities (0: no check, recorded as skipped)."
     )
     cpus_per_task: float = Field(default=1.0, gt=0, le=64)
 
@@ -216,7 +246,11 @@ def register_version(
     copied: list[Storage] = []
     try:
         scans: list[EntityScan] = []
+        targets = split_target(
+            options.fit.fit_rows if options.fit is not None else options.check_rows, {e: s.total_rows for e, s in sources.items()}
+        )
         for entity, src in sources.items():
+            target = targets[entity]
             dest, dest_names = None, None
             if not options.in_place:
                 dest = registry.embeddings_storage(k, entity)
@@ -224,7 +258,6 @@ def register_version(
                     raise AlreadyExistsError(f"{dest.uri()} already holds files of an unfinished registration; remove them first")
                 dest_names = [f"part-{i:05d}.parquet" for i in range(len(src.names))]
                 copied.append(dest)
-            target = options.fit.fit_rows if options.fit is not None else options.check_rows
             echo(f"[raybc] {entity}: {src.total_rows:,} rows in {len(src.names)} files: validating"
                  + ("" if options.in_place else ", copying") + (f", joining with v{k - 1}" if k > 0 else ""))  # fmt: skip
             scans.append(
@@ -248,7 +281,11 @@ def register_version(
             report = check_given(scans, b, registry=registry, version=k)
         if report is not None:
             echo(report.table())
-            bad = {e: errs[f"v{k - 1}"] for e, errs in report.error.items() if not errs[f"v{k - 1}"] < WORSE_THAN_ZEROS}
+            bad = refused(report, k - 1)
+            for e, errs in report.error.items():
+                if e not in bad and e != "all" and report.pairs[e]["holdout"] and not errs[f"v{k - 1}"] < WORSE_THAN_ZEROS:
+                    echo(f"[raybc] warning: {e}: relative error {errs[f'v{k - 1}']:.3g} on only {report.pairs[e]['holdout']:,} "
+                         f"held-out ids (fewer than {MIN_JUDGED}); judged through the pooled error instead")  # fmt: skip
             if bad:
                 hint = (" A square B read the wrong way round does this: check --aligner-layout." if b is not None and b.in_dim == b.out_dim else "")
                 raise InputDataError(

@@ -258,3 +258,32 @@ def test_register_summary_json_and_config_file(ray_session, tmp_path, capsys):
         bad = tmp_path / "bad.yaml"
         bad.write_text(cfg.read_text() + "  colour: blue\n")
         register_config(["--config", str(bad)])
+
+
+def test_fit_rows_is_a_total_over_entities_and_a_tiny_entity_is_judged_through_the_pool(ray_session, tmp_path):
+    """--fit-rows samples N pairs in all, every entity at the same rate; an entity with a handful
+    of held-out ids cannot refuse a B on its own (its error is noise), the pooled error can."""
+    users_old, users_new = Storage(str(tmp_path / "u0")), Storage(str(tmp_path / "u1"))
+    items_old, items_new = Storage(str(tmp_path / "i0")), Storage(str(tmp_path / "i1"))
+    # the same seed plants the same map for both entities
+    planted_versions(users_old, users_new, rows=1000, d_old=D_OLD, d_new=D_NEW, files_old=1, files_new=2, noise=NOISE, seed=5)
+    planted_versions(items_old, items_new, rows=9000, d_old=D_OLD, d_new=D_NEW, files_old=3, files_new=4, noise=NOISE, seed=5)
+    rng = np.random.default_rng(6)  # tags: 400 ids whose v0 has nothing to do with v1 (error ~2 on them)
+    tags = np.arange(400) * 7
+    pq.write_table(make_table(tags, rng.standard_normal((400, D_OLD)).astype(np.float32)), tmp_path / "t0.parquet")
+    pq.write_table(make_table(tags, rng.standard_normal((400, D_NEW)).astype(np.float32)), tmp_path / "t1.parquet")
+    reg = Registry(str(tmp_path / "root"))
+    reg.register(0, embeddings={"users": users_old.uri(), "items": items_old.uri(), "tags": str(tmp_path / "t0.parquet")})
+    lines: list[str] = []
+    v = reg.register(
+        1, embeddings={"users": users_new.uri(), "items": items_new.uri(), "tags": str(tmp_path / "t1.parquet")},
+        options=RegisterOptions(fit=AlignerFitOptions(fit_rows=2000, holdout=0.1)), echo=lines.append,
+    )  # fmt: skip
+    fit = v.manifest["aligner_fit"]
+    sampled = {e: p["train"] + p["holdout"] for e, p in fit["pairs"].items()}
+    assert 1700 <= sum(sampled.values()) <= 2300, sampled  # ~2,000 in all, not ~2,000 per entity
+    assert 130 <= sampled["users"] <= 260 and 1450 <= sampled["items"] <= 2050, sampled  # 1,000 : 9,000 rows
+    assert 0 < fit["pairs"]["tags"]["holdout"] < 100
+    err = fit["relative_error"]
+    assert err["tags"]["v0"] > 1.0 and err["all"]["v0"] < 0.5, err
+    assert any("warning: tags" in line and "judged through the pooled error" in line for line in lines)

@@ -101,39 +101,47 @@ def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict 
 
 
 class RssSampler:
-    """Peak summed RSS of this process and every Ray process of the session (from /proc)."""
+    """Peak memory of this process and every process it started (the local Ray's raylet, GCS and
+    workers), sampled from /proc: the sum of PSS (each shared page, the object store's included,
+    counted once over the processes sharing it, where summed VmRSS counts it once per process).
+    Only this process's descendants count, so another Ray session on the machine is not added in."""
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.2):
         self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
 
     @staticmethod
-    def _rss_of(pid: str) -> int:
+    def _pss_of(pid: int) -> int:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
         return 0
 
-    def _job_pids(self) -> list[str]:
-        me, pids = str(os.getpid()), []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+    @staticmethod
+    def _job_pids() -> list[int]:
+        children: dict[int, list[int]] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
                 continue
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if pid == me or b"ray::" in cmd or b"raylet" in cmd or b"gcs_server" in cmd or b"default_worker" in cmd:
-                pids.append(pid)
-        return pids
+            children.setdefault(ppid, []).append(int(name))
+        out, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(self._rss_of(p) for p in self._job_pids()))
+            self.peak = max(self.peak, sum(self._pss_of(p) for p in self._job_pids()))
             time.sleep(self.interval_s)
 
     def __enter__(self) -> RssSampler:

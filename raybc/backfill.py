@@ -50,6 +50,7 @@ from raybc.embeddings import (
     id_at,
     inspect_schema,
     make_batch,
+    parquet_file,
     normalise_ids,
     table_schema,
 )
@@ -488,12 +489,7 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
     targets = ctx.plan.targets
     value_type = pa.float16() if ctx.output_dtype == "float16" else pa.float32()
     with src.open_input(part.file) as fin:
-        try:
-            pf = pq.ParquetFile(fin)
-        except (pa.ArrowInvalid, OSError) as exc:
-            if isinstance(exc, RaybcError) or is_transient(exc):
-                raise
-            raise InputDataError(f"{uri} is not a readable Parquet file ({exc})") from None
+        pf = parquet_file(fin, uri)
         layout: ColumnLayout = inspect_schema(pf.schema_arrow, source=uri, expected_dim=ctx.dim)
         with contextlib.ExitStack() as stack:
             writers = {}

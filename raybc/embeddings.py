@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raybc.errors import InputDataError
+from raybc.errors import InputDataError, RaybcError
+from raybc.storage import is_transient
 
 ID = "id"
 EMBEDDING = "embedding"
@@ -106,6 +107,17 @@ def inspect_schema(schema: pa.Schema, *, source: str, expected_dim: int | None =
             "the file belongs to another version or was written wrongly"
         )
     return ColumnLayout(id_type=id_norm, dim=dim if fixed else (expected_dim or -1), value_type=value_t, fixed=fixed)
+
+
+def parquet_file(f, uri: str, *, hint: str = "") -> pq.ParquetFile:
+    """``pq.ParquetFile(f)``; a file that is not Parquet is bad input naming ``uri``, while storage
+    faults worth retrying (and raybc's own errors) pass through unchanged."""
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, RaybcError) or is_transient(exc):
+            raise
+        raise InputDataError(f"{uri} is not a readable Parquet file ({exc}){hint}") from None
 
 
 def batch_matrix(col: pa.Array, layout: ColumnLayout, *, source: str, row_offset: int, ids: pa.Array) -> np.ndarray:

@@ -41,7 +41,8 @@ from pydantic import Field
 
 from raybc.consumers import Consumer, ConsumerOptions, TaskLabels, features, id_columns
 from raybc.embeddings import (
-    EMBEDDING, ID, ColumnLayout, batch_matrix, first_duplicate, id_at, inspect_schema, make_table, normalise_ids, read_matrix,
+    EMBEDDING, ID, ColumnLayout, batch_matrix, first_duplicate, id_at, inspect_schema, make_table, normalise_ids, parquet_file,
+    read_matrix,
 )  # fmt: skip
 from raybc.errors import AlreadyExistsError, ConfigError, InputDataError, IntegrityError, RaybcError, RegistryError, StorageError
 from raybc.options import Options
@@ -479,10 +480,7 @@ def filter_files(store: Storage, names: Sequence[str], ids: pa.Array, expected_d
     for name in names:
         src = store.uri(name)
         with store.open_input(name) as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise InputDataError(f"{src} is not a readable Parquet file ({exc})") from None
+            pf = parquet_file(f, src)
             layout = inspect_schema(pf.schema_arrow, source=src, expected_dim=dim)
             match = _matcher(_ids_as(ids, layout.id_type, source=src), cache)
             row = 0
@@ -573,10 +571,7 @@ def version_files(registry: Registry, k: int, entities: Sequence[str] | None = N
 def file_dim(store: Storage, name: str) -> int:
     """The embedding dimension of one Parquet file, from its footer."""
     with store.open_input(name) as f:
-        try:
-            schema = pq.ParquetFile(f).schema_arrow
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputDataError(f"{store.uri(name)} is not a readable Parquet file ({exc})") from None
+        schema = parquet_file(f, store.uri(name)).schema_arrow
     layout = inspect_schema(schema, source=store.uri(name))
     if layout.dim < 0:
         raise InputDataError(f"{store.uri(name)}: column '{EMBEDDING}' is a variable-length list; write fixed_size_list<float32>[d]")

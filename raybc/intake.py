@@ -30,12 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from raybc.aligners import AlignerFitOptions, AlignerReport, check_given, fit_from_scans
-from raybc.embeddings import inspect_schema
-from raybc.errors import AlreadyExistsError, ConfigError, InputDataError, RaybcError, RegistryError
+from raybc.embeddings import inspect_schema, parquet_file
+from raybc.errors import AlreadyExistsError, ConfigError, InputDataError, RegistryError
 from raybc.options import Options
 from raybc.pairs import EntityScan, SourceFiles, scan_entity
 from raybc.registry import EntityFiles, FileEntry, Registry, Version
@@ -111,13 +110,8 @@ def _source_files(uri: str, options: StorageOptions | None) -> tuple[Storage, li
 
 def _footer(store: Storage, name: str) -> tuple[int, pa.Schema]:
     with store.open_input(name) as f:
-        try:
-            pf = pq.ParquetFile(f)
-            return pf.metadata.num_rows, pf.schema_arrow
-        except (pa.ArrowInvalid, OSError) as exc:
-            if isinstance(exc, RaybcError):
-                raise
-            raise InputDataError(f"{store.uri(name)} is not a readable Parquet file ({exc})") from None
+        pf = parquet_file(f, store.uri(name))
+        return pf.metadata.num_rows, pf.schema_arrow
 
 
 def _id_kind(t: pa.DataType, source: str) -> str:

@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from raybc.embeddings import EMBEDDING, ID, batch_matrix, check_finite, inspect_schema, normalise_ids
+from raybc.embeddings import EMBEDDING, ID, batch_matrix, check_finite, inspect_schema, normalise_ids, parquet_file
 from raybc.errors import InputDataError, RaybcError
 from raybc.storage import Storage, is_transient
 
@@ -154,12 +153,7 @@ def scan_group(
         uri = store.uri(name)
         row = 0
         with store.open_input(name) as f:
-            try:
-                pf = pq.ParquetFile(f)
-            except (pa.ArrowInvalid, OSError) as exc:
-                if isinstance(exc, RaybcError) or is_transient(exc):
-                    raise
-                raise InputDataError(f"{uri} is not a readable Parquet file ({exc})") from None
+            pf = parquet_file(f, uri)
             layout = inspect_schema(pf.schema_arrow, source=uri, expected_dim=dim)
             id_type = layout.id_type
             lo = hi = None

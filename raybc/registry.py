@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raybc import __version__
-from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, write_table
+from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, parquet_file, write_table
 from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, RegistryError, StorageError
 from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, json_bytes
 from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, has_spec, to_bytes
@@ -373,11 +372,8 @@ class Registry:
 
         def describe(name: str) -> tuple[FileEntry, Any]:
             with store.open_input(name) as f:
-                try:
-                    md = pq.ParquetFile(f).metadata
-                    schema = md.schema.to_arrow_schema()
-                except (pa.ArrowInvalid, OSError) as exc:
-                    raise InputDataError(f"{store.uri(name)} is not a readable Parquet file ({exc})") from None
+                md = parquet_file(f, store.uri(name)).metadata
+                schema = md.schema.to_arrow_schema()
             return FileEntry(name, md.num_rows, store.size(name)), schema
 
         with ThreadPoolExecutor(IO_THREADS) as pool:

@@ -137,6 +137,7 @@ def reconcile_parser(prog: str = "raybc reconcile") -> argparse.ArgumentParser:
     p.add_argument("--retention", action="store_true", help="also remove old runs after the backfill (defaults: see --retention-s)")
     p.add_argument("--retention-s", type=float, help="remove uncommitted/superseded runs older than this (implies --retention)")
     p.add_argument("--grace-s", type=float, help="keep a superseded run this long after its swap (implies --retention)")
+    p.add_argument("--keep-embeddings", action="store_true", help="retention leaves older versions' embeddings z_j in place")
     p.add_argument("--rows-per-part", type=int, help="rows per backfill task and output file")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     p.add_argument("--summary-json", help="also write the result as JSON to this local file")
@@ -150,6 +151,8 @@ def _retention_overrides(a: argparse.Namespace) -> dict[str, Any] | None:
         out["retention_s"] = a.retention_s
     if a.grace_s is not None:
         out["grace_s"] = a.grace_s
+    if a.keep_embeddings:
+        out["embeddings"] = False
     return out if (out or getattr(a, "retention", True)) else None
 
 
@@ -207,13 +210,16 @@ def run_retention(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="raybc retention",
         description="Remove uncommitted and superseded snapshot runs older than the retention, never the one "
-        "CURRENT names, never within the grace period after a swap. Runs under the reconcile lease (exit 3 if held).",
+        "CURRENT names, never within the grace period after a swap; and older versions' embeddings z_j once a newer "
+        "version superseded them (never the newest, never files registered in place, never the source of a CURRENT). "
+        "Runs under the reconcile lease (exit 3 if held).",
     )
     p.add_argument("--config", help="YAML file with a retention config")
     p.add_argument("--root")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     p.add_argument("--retention-s", type=float, help="minimum age in seconds of a run to remove (default a week)")
     p.add_argument("--grace-s", type=float, help="seconds a superseded run stays after its swap (default an hour)")
+    p.add_argument("--keep-embeddings", action="store_true", help="leave older versions' embeddings z_j in place")
     _storage_flags(p)
     a = p.parse_args(argv)
     over: dict[str, Any] = {**_storage_overrides(a)}

@@ -212,7 +212,7 @@ class ReconcileResult:
             return f"{head} would_build={len(self.plan.todo)} up_to_date={len(self.plan.up_to_date)}"
         tail = f" built={len(self.built)} up_to_date={len(self.plan.up_to_date)}"
         if self.retention is not None:
-            tail += f" removed_runs={len(self.retention.removed)}"
+            tail += f" removed_runs={len(self.retention.removed)} removed_embeddings={len(self.retention.removed_embeddings)}"
         tail += f" seconds={self.seconds:.1f}"
         if self.status == "nothing_to_do" and self.reason:
             tail += f" -- {self.reason}"

@@ -41,6 +41,9 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 ALIGNER_FILE = "aligner.safetensors"
 VERSION_FORMAT = "raybc.version/1"
+# Written by retention beside an old version's (immutable) manifest before its z_k files go:
+# which entities' embeddings were removed and when. B_k and the manifest stay.
+EMBEDDINGS_REMOVED = "embeddings-removed.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -328,10 +331,43 @@ class Registry:
         """A callable turning batches of z_source into version ``target`` (online use)."""
         return BackwardTransform(self.plan(source, [target]), target)
 
+    def removed_embeddings(self, k: int) -> dict[str, str]:
+        """Entities of version ``k`` whose z_k retention removed -> when (UTC)."""
+        rel = f"registry/{version_dir(k)}/{EMBEDDINGS_REMOVED}"
+        try:
+            d = self.root.read_json(rel)
+        except FileNotFoundError:
+            return {}
+        if not isinstance(d, dict) or not isinstance(d.get("entities"), dict):
+            raise IntegrityError(f"{self.root.uri(rel)}: damaged record of removed embeddings (expected {{'entities': {{...}}}})")
+        return {str(e): str(t) for e, t in d["entities"].items()}
+
+    def mark_embeddings_removed(self, k: int, entity: str) -> None:
+        """Record (before any file goes) that z_k of ``entity`` is being removed: every reader then
+        refuses it with a clear message, whether or not the removal finished."""
+        removed = self.removed_embeddings(k)
+        if entity in removed:
+            return
+        removed[entity] = utc_now()
+        self.root.write_atomic(f"registry/{version_dir(k)}/{EMBEDDINGS_REMOVED}", json_bytes({"entities": removed}))
+
+    def stored_embeddings(self, k: int, entity: str) -> Storage:
+        """embeddings/v<k>/<entity>/ below the root, whatever the version's state (retention's view)."""
+        return self.root.child("embeddings", version_dir(k), check_segment(entity, what="entity name"))
+
     def embeddings_storage(self, k: int, entity: str) -> Storage:
         """Where z_k of ``entity`` lives: embeddings/v<k>/<entity>/, or its own folder when it was
-        registered in place (read with the root's storage options)."""
+        registered in place (read with the root's storage options). RegistryError when retention
+        removed it (only the newest version's embeddings are kept)."""
         check_segment(entity, what="entity name")
+        when = self.removed_embeddings(k).get(entity) if self.is_published(k) else None
+        if when is not None:
+            latest = self.latest()
+            raise RegistryError(
+                f"z_{k} of {entity!r} was removed by retention at {when}: raybc keeps only the newest version's embeddings "
+                f"(v{latest}). Read the as-v{k} snapshot (raybc.read_snapshot(root, {entity!r}, version={k})) or backfill "
+                f"from v{latest}"
+            )
         v = self._versions.get(k)
         if v is None and self.is_published(k):
             v = self.get(k)

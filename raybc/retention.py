@@ -1,4 +1,5 @@
-"""Retention: remove uncommitted runs and superseded snapshots once nobody can still need them.
+"""Retention: remove uncommitted runs, superseded snapshots and superseded embeddings once nobody
+can still need them.
 
 A run folder ``snapshots/as-v<j>/<entity>/from-v<k>/<run>/`` is one of:
 
@@ -15,7 +16,18 @@ have produced a newer CURRENT. So "CURRENT committed more than ``grace_s`` ago" 
 run of that snapshot was superseded more than ``grace_s`` ago. A committed run *newer* than
 CURRENT (manifest written, swap not yet done, or a commit under way) is kept.
 
-Decisions are a pure function (:func:`plan_retention`); :func:`apply_retention` scans a root,
+Embeddings: raybc keeps only the newest version's z_k. An older version's z_j of an entity is
+removed when all of these hold (:func:`plan_embeddings`): a newer version exists and was published
+more than ``grace_s`` ago (a backfill from v_j started before it may still be reading); v_j itself
+is older than ``retention_s``; no CURRENT names a snapshot built from v_j (those snapshots stay
+auditable against their source, and a rebuild from v_j stays possible while they are the ones
+readers get); and the files are raybc's -- a version registered in place (``--in-place``) points at
+the owner's files, which retention never touches. Removal first records the entity in
+``registry/v<j>/embeddings-removed.json`` (the manifest stays immutable; B_j stays, the newer
+versions' backfills need it), then deletes the folder: every reader refuses z_j with a message
+from then on, and a crash part-way leaves the record, so the next run finishes the removal.
+
+Decisions are pure functions (:func:`plan_retention`, :func:`plan_embeddings`); :func:`apply_retention` scans a root,
 plans, and removes -- re-reading CURRENT just before each removal. It is not safe against a
 hand-started backfill that commits an old run id at that very moment; scheduled runs avoid that
 by running retention under the reconcile lease (``raybc reconcile --retention``).
@@ -55,6 +67,9 @@ class RetentionOptions(Options):
     )
     grace_s: float = Field(
         default=GRACE_S, ge=0, description="How long after a CURRENT swap readers may still read the run it replaced."
+    )
+    embeddings: bool = Field(
+        default=True, description="Also remove older versions' embeddings z_j (only the newest version's are kept)."
     )
 
 
@@ -125,6 +140,61 @@ def plan_retention(
     return out
 
 
+@dataclass(frozen=True)
+class StoredEmbeddings:
+    """z_j of one entity of a published version, with what retention decides by."""
+
+    version: int
+    entity: str
+    created_at: float  # the version's publication
+    superseded_at: float | None  # publication of v_{j+1}; None for the newest version
+    in_place: bool
+    removed: bool  # retention already recorded it as removed
+    has_files: bool  # anything left below embeddings/v<j>/<entity>/
+
+    @property
+    def path(self) -> str:
+        return f"embeddings/v{self.version}/{self.entity}"
+
+
+@dataclass(frozen=True)
+class EmbeddingsDecision:
+    item: StoredEmbeddings
+    remove: bool
+    reason: str
+
+
+def plan_embeddings(
+    items: Sequence[StoredEmbeddings],
+    current_sources: Mapping[str, Sequence[tuple[int, int]]],
+    *,
+    now: float,
+    options: RetentionOptions,
+) -> list[EmbeddingsDecision]:
+    """Decide for each stored z_j whether to remove it (see the module doc). ``current_sources``:
+    entity -> [(target, source)] of every CURRENT."""
+    out = []
+    for it in items:
+        built = sorted(t for t, src in current_sources.get(it.entity, ()) if src == it.version)
+        if it.removed:
+            if it.has_files:
+                out.append(EmbeddingsDecision(it, True, "recorded as removed; finishing an interrupted removal"))
+            continue
+        if it.superseded_at is None:
+            out.append(EmbeddingsDecision(it, False, "the newest version's embeddings"))
+        elif it.in_place:
+            out.append(EmbeddingsDecision(it, False, "registered in place: the owner's files, never removed by raybc"))
+        elif built:
+            out.append(EmbeddingsDecision(it, False, "CURRENT of " + ", ".join(f"as-v{t}" for t in built) + " was built from it"))
+        elif now - it.superseded_at <= options.grace_s:
+            out.append(EmbeddingsDecision(it, False, f"superseded {now - it.superseded_at:.0f} s ago, within the grace period"))
+        elif now - it.created_at <= options.retention_s:
+            out.append(EmbeddingsDecision(it, False, f"superseded, but only {now - it.created_at:.0f} s old"))
+        else:
+            out.append(EmbeddingsDecision(it, True, f"superseded {now - it.superseded_at:.0f} s ago by a newer version"))
+    return out
+
+
 # --------------------------------------------------------------------------- scanning and removing
 
 
@@ -191,18 +261,46 @@ def _describe_run(root: Storage, target: int, entity: str, source: int, run_id: 
     return RunFolder(target, entity, source, run_id, False, max(times))
 
 
+def scan_embeddings(root: Storage) -> list[StoredEmbeddings]:
+    """Every published version's stored z_j per entity (O(versions x entities) listings)."""
+    from raybc.registry import Registry
+
+    reg = Registry(root)
+    versions = reg.versions()
+    out = []
+    for i, k in enumerate(versions):
+        v = reg.get(k)
+        later = reg.get(versions[i + 1]) if i + 1 < len(versions) else None
+        removed = reg.removed_embeddings(k)
+        for entity, ef in sorted(v.embeddings.items()):
+            in_place = ef.location is not None
+            has_files = not in_place and bool(reg.stored_embeddings(k, entity).walk_files())
+            out.append(StoredEmbeddings(
+                k, entity, parse_utc(v.created_at) or 0.0, None if later is None else (parse_utc(later.created_at) or 0.0),
+                in_place, entity in removed, has_files,
+            ))  # fmt: skip
+    return out
+
+
 @dataclass
 class RetentionResult:
     root: str
     decisions: list[Decision]
     removed: list[str] = field(default_factory=list)  # run folders removed (paths below the root)
     dry_run: bool = False
+    embeddings: list[EmbeddingsDecision] = field(default_factory=list)
+    removed_embeddings: list[str] = field(default_factory=list)  # embeddings/v<j>/<entity> folders removed
 
     def table(self) -> str:
-        lines = [f"retention of {self.root}: {len(self.removed)} run(s) removed" + (" (dry run: would remove)" if self.dry_run else "")]
+        would = " (dry run: would remove)" if self.dry_run else ""
+        lines = [f"retention of {self.root}: {len(self.removed)} run(s) and {len(self.removed_embeddings)} "
+                 f"old embedding folder(s) removed{would}"]  # fmt: skip
         for d in self.decisions:
             mark = "remove" if d.remove else "keep  "
             lines.append(f"  {mark} {d.run.path}  ({d.reason})")
+        for e in self.embeddings:
+            mark = "remove" if e.remove else "keep  "
+            lines.append(f"  {mark} {e.item.path}  ({e.reason})")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -211,6 +309,9 @@ class RetentionResult:
             "dry_run": self.dry_run,
             "removed": self.removed,
             "decisions": [{"run": d.run.path, "kind": d.kind, "remove": d.remove, "reason": d.reason} for d in self.decisions],
+            "removed_embeddings": self.removed_embeddings,
+            "embeddings": [{"path": e.item.path, "version": e.item.version, "entity": e.item.entity, "remove": e.remove,
+                            "reason": e.reason} for e in self.embeddings],  # fmt: skip
         }
 
 
@@ -240,5 +341,33 @@ def apply_retention(
                 continue
             storage.remove(d.run.path, recursive=True)
         result.removed.append(d.run.path)
+    if options.embeddings:
+        _remove_embeddings(storage, result, now=now, options=options, dry_run=dry_run)
     echo(result.table())
     return result
+
+
+def _current_sources(snaps: Snapshots) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for target, entity, p in snaps.list():
+        out.setdefault(entity, []).append((target, p.source_version))
+    return out
+
+
+def _remove_embeddings(storage: Storage, result: RetentionResult, *, now: float, options: RetentionOptions, dry_run: bool) -> None:
+    from raybc.registry import Registry
+
+    snaps = Snapshots(storage)
+    result.embeddings = plan_embeddings(scan_embeddings(storage), _current_sources(snaps), now=now, options=options)
+    reg = Registry(storage)
+    for d in result.embeddings:
+        if not d.remove:
+            continue
+        it = d.item
+        if not dry_run:
+            # A CURRENT may have been committed from it since the scan: check again, just before.
+            if not it.removed and any(src == it.version for _, src in _current_sources(snaps).get(it.entity, ())):
+                continue
+            reg.mark_embeddings_removed(it.version, it.entity)  # readers refuse it from here on
+            reg.stored_embeddings(it.version, it.entity).remove("", recursive=True)
+        result.removed_embeddings.append(it.path)

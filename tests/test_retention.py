@@ -13,7 +13,10 @@ from raybc.backfill import BackfillOptions
 from raybc.data.synthetic import build_registry
 from raybc.embeddings import make_table, write_table
 from raybc.reconcile import ReconcileOptions, reconcile
-from raybc.retention import CurrentInfo, RetentionOptions, RunFolder, apply_retention, plan_retention
+from raybc.retention import (
+    CurrentInfo, RetentionOptions, RunFolder, StoredEmbeddings, apply_retention, plan_embeddings, plan_retention,
+)  # fmt: skip
+from raybc.errors import RegistryError
 from raybc.registry import FileEntry
 from raybc.snapshots import Snapshots, snapshot_dir, verify_snapshot
 from raybc.storage import Storage, json_bytes
@@ -65,6 +68,33 @@ def test_uncommitted_run_goes_once_untouched_longer_than_the_retention():
 
 
 @pytest.mark.cluster
+def emb(version, *, created=T0 - 30 * DAY, superseded=T0, in_place=False, removed=False, has_files=True):
+    return StoredEmbeddings(version, "items", created, superseded, in_place, removed, has_files)
+
+
+def decide_emb(items, currents, now):
+    return {d.item.version: (d.remove, d.reason) for d in plan_embeddings(items, {"items": currents}, now=now, options=OPTS)}
+
+
+def test_old_embeddings_go_only_when_superseded_old_unused_and_raybcs_own():
+    later = T0 + 30 * DAY
+    newest = emb(3, created=T0, superseded=None)
+    out = decide_emb([emb(1, superseded=T0 - DAY), emb(2), newest], [(0, 3), (1, 3), (2, 3)], now=later)
+    assert out[1][0] is True and out[2][0] is True
+    assert out[3] == (False, "the newest version's embeddings")
+    assert decide_emb([newest], [], now=T0 + 400 * DAY)[3][0] is False  # the newest stays however old
+    # a CURRENT still built from v2 keeps z_2 (audits and rebuilds read it)
+    assert decide_emb([emb(2)], [(0, 3), (1, 2)], now=later)[2] == (False, "CURRENT of as-v1 was built from it")
+    # superseded a minute ago: a backfill from v2 may still be reading
+    assert "within the grace period" in decide_emb([emb(2)], [], now=T0 + 60)[2][1]
+    assert decide_emb([emb(2, created=T0 - DAY)], [], now=T0 + DAY)[2][0] is False  # younger than the retention
+    # in place: the owner's files, whatever their age
+    assert "registered in place" in decide_emb([emb(2, in_place=True)], [], now=later)[2][1]
+    # recorded as removed with files left (a crash part-way): finished; without files: nothing to do
+    assert decide_emb([emb(2, removed=True)], [(0, 2)], now=T0)[2][0] is True
+    assert decide_emb([emb(2, removed=True, has_files=False)], [], now=later) == {}
+
+
 def test_retention_on_a_real_root_removes_superseded_and_crashed_runs_only(storage_root, ray_session):
     from test_reconcile import publish_next
 
@@ -98,7 +128,20 @@ def test_retention_on_a_real_root_removes_superseded_and_crashed_runs_only(stora
         assert p == current[j]
         assert verify_snapshot(reg, j, "items").ok
         assert snaps.read_table(j, "items").num_rows == 1_500
-    assert apply_retention(storage_root, OPTS, now=later, echo=lambda _: None).removed == []
+    # z_2 was superseded by v3 a week ago and no CURRENT is built from it: it goes; z_3 stays
+    assert done.removed_embeddings == ["embeddings/v2/items"], done.to_json()["embeddings"]
+    assert not storage_root.walk_files("embeddings/v2/items") and storage_root.walk_files("embeddings/v3/items")
+    assert set(reg.removed_embeddings(2)) == {"items"}
+    with pytest.raises(RegistryError, match=r"z_2 of 'items' was removed by retention.*as-v2 snapshot.*backfill from v3"):
+        reg.embeddings_storage(2, "items")
+    from raybc.backfill import backfill
+
+    with pytest.raises(RegistryError, match="removed by retention"):
+        backfill(storage_root, BackfillOptions(progress=False, from_version=2, to_versions=[0]), echo=lambda _: None)
+    reg2 = type(reg)(storage_root)
+    assert reg2.aligner(2).in_dim == 16 and reg2.plan(3, [0]) is not None  # B_2 stays: v3's backfills need it
+    again = apply_retention(storage_root, OPTS, now=later, echo=lambda _: None)
+    assert again.removed == [] and again.removed_embeddings == []
 
 
 def test_grace_period_protects_a_just_superseded_run_on_a_real_root(tmp_path):

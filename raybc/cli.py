@@ -467,18 +467,15 @@ def run_versions(argv: Sequence[str]) -> int:
 
 
 def run_snapshots(argv: Sequence[str]) -> int:
-    from raybc.snapshots import Snapshots
+    from raybc.snapshots import snapshot_status, status_table
 
-    a = _root_parser("raybc snapshots", "List committed snapshots (what each CURRENT names).").parse_args(argv)
-    snaps = Snapshots(_storage_from(a))
-    rows = [{"as_version": t, "entity": e, **p.to_json()} for t, e, p in snaps.list()]
-    if a.json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print(f"no committed snapshots in {snaps.root.uri('snapshots')}")
-    else:
-        for r in rows:
-            print(f"as-v{r['as_version']}/{r['entity']}: from v{r['source_version']}, {r['rows']:,} rows, {r['manifest']}")
+    a = _root_parser(
+        "raybc snapshots",
+        "List committed snapshots (what each CURRENT names): source version, age, dtype, whether it is stale against the "
+        "newest version, the file URIs to read without raybc; and the snapshots the newest version is missing.",
+    ).parse_args(argv)
+    status = snapshot_status(_storage_from(a))
+    print(json.dumps(status, indent=2) if a.json else status_table(status))
     return EXIT_OK
 
 

@@ -291,6 +291,63 @@ class Snapshots:
         return pointer
 
 
+def snapshot_status(root: Storage, *, now: float | None = None) -> dict[str, Any]:
+    """What a scheduler and a consumer ask of a root, from CURRENTs and manifests (O(snapshots)
+    small reads): per committed snapshot its source, age, dtype, staleness against the newest
+    version and the file URIs to read without raybc; and the (target, entity) pairs the newest
+    version should have a snapshot for but has none."""
+    import time
+
+    from raybc.retention import parse_utc
+
+    now = time.time() if now is None else now
+    reg = Registry(root)
+    latest = reg.latest()
+    snaps = Snapshots(root)
+    rows = []
+    for target, entity, p in snaps.list():
+        snap = snaps.get(target, entity)
+        committed = parse_utc(p.committed_at)
+        rows.append({
+            "as_version": target, "entity": entity, "source_version": p.source_version, "rows": snap.rows, "dim": snap.dim,
+            "dtype": str(snap.manifest.get("dtype", "float32")), "committed_at": p.committed_at,
+            "age_s": None if committed is None else max(0.0, now - committed),
+            "stale": latest is not None and p.source_version < latest, "manifest": root.uri(f"{snapshot_dir(target, entity)}/{p.manifest}"),
+            "files": [root.uri(f) for f in snap.files],
+        })  # fmt: skip
+    have = {(r["as_version"], r["entity"]) for r in rows}
+    missing = []
+    if latest is not None and latest > 0:
+        entities = reg.get(latest).entities
+        missing = [{"as_version": t, "entity": e} for t in range(latest) for e in entities if (t, e) not in have]
+    return {"root": root.uri(), "newest_version": latest, "snapshots": rows, "missing": missing}
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def status_table(status: dict[str, Any]) -> str:
+    """The human reading of :func:`snapshot_status`: one line per snapshot, then what is missing."""
+    lines = [f"snapshots of {status['root']} (newest version: v{status['newest_version']})"]
+    for r in status["snapshots"]:
+        state = f"STALE (built from v{r['source_version']}, newest v{status['newest_version']})" if r["stale"] else "up to date"
+        lines.append(
+            f"  as-v{r['as_version']}/{r['entity']}: from v{r['source_version']}, {r['rows']:,} rows x {r['dim']} {r['dtype']}, "
+            f"{_age(r['age_s'])} old, {state}, {len(r['files'])} file(s): {r['manifest']}"
+        )
+    if not status["snapshots"]:
+        lines.append("  no committed snapshots")
+    for m in status["missing"]:
+        lines.append(f"  as-v{m['as_version']}/{m['entity']}: MISSING (run `raybc reconcile --root {status['root']}`)")
+    return "\n".join(lines)
+
+
 def read_snapshot(root: str, entity: str, version: int, *, options: StorageOptions | None = None) -> pa.Table:
     """The committed snapshot of ``entity`` as version ``version``, as a pyarrow Table."""
     return Snapshots(root, options).read_table(version, entity)

@@ -189,3 +189,34 @@ def test_retention_command_dry_run_and_busy_exit_code(tmp_path):
     assert busy.returncode == 3 and "held by nightly-run" in busy.stdout and root.exists(leftover)
     done = cli()
     assert done.returncode == 0 and "removed_runs=1" in done.stdout and not root.exists(leftover)
+
+
+def test_snapshots_listing_says_source_age_dtype_staleness_files_and_what_is_missing(tmp_path, ray_session, capsys):
+    import json
+
+    from test_reconcile import publish_next
+
+    from raybc.backfill import backfill
+    from raybc.cli import main
+
+    root = Storage(str(tmp_path / "root"))
+    reg = build_registry(root, dims=[8, 12, 16], rows=600, entities=["items"], rows_per_file=400, seed=3)
+    backfill(root, BackfillOptions(progress=False, to_versions=[0], output_dtype="float16"), echo=lambda _: None)
+    publish_next(reg, dim=20, rows=600, entities=["items"], seed=4)  # v3: as-v0 is now stale
+    assert main(["snapshots", "--root", root.uri(), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["newest_version"] == 3
+    (snap,) = status["snapshots"]
+    assert (snap["as_version"], snap["source_version"], snap["dtype"], snap["stale"], snap["rows"]) == (0, 2, "float16", True, 600)
+    assert 0 <= snap["age_s"] < 600 and len(snap["files"]) == 2
+    import pyarrow.parquet as pq  # the URIs are enough to read the snapshot without raybc
+
+    assert sum(pq.read_table(u).num_rows for u in snap["files"]) == 600
+    assert status["missing"] == [{"as_version": 1, "entity": "items"}, {"as_version": 2, "entity": "items"}]
+    assert main(["snapshots", "--root", root.uri()]) == 0
+    text = capsys.readouterr().out
+    assert "as-v0/items: from v2, 600 rows x 8 float16" in text and "STALE (built from v2, newest v3)" in text
+    assert "as-v2/items: MISSING" in text
+    backfill(root, BackfillOptions(progress=False), echo=lambda _: None)
+    status = json.loads((main(["snapshots", "--root", root.uri(), "--json"]), capsys.readouterr().out)[1])
+    assert status["missing"] == [] and not any(s["stale"] for s in status["snapshots"]) and len(status["snapshots"]) == 3

@@ -1,7 +1,7 @@
 """Study: post-hoc B_1 (each aligner kind, shares of the pairs) for two independently trained versions.
 
     python jobs/byo_study.py --out runs/byo --docs-out docs/byo                  # MovieLens-100K, seeds 0 and 1
-    python jobs/byo_study.py --seeds 0 --fractions 1 --kinds linear --profile quick --epochs 30 --dims 8,16
+    python jobs/byo_study.py --seeds 0 --fractions 0.01,1 --variants linear --profile quick --epochs 40 --dims 16,64
 
 Per seed: the protocol's fix-m0 / no-bc / bc-aligner on two versions (d_0, d_1), then no-bc's stored
 z_0 and z_1 registered into fresh roots through ``raybc register`` with B_1 fitted post hoc, each
@@ -24,7 +24,6 @@ def _ints(s: str) -> list[int]:
 
 
 def parse(argv: list[str]):
-    from raybc.aligners import KINDS
     from raybc.study import StudyOptions, default_variants
 
     p = argparse.ArgumentParser(prog="jobs/byo_study.py", description=__doc__.split("\n\n")[0])
@@ -34,14 +33,19 @@ def parse(argv: list[str]):
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--dims", default="32,64", help="d_0,d_1")
     p.add_argument("--fractions", default="0.01,0.1,1", help="shares of the shared ids to fit on")
-    p.add_argument("--kinds", default=",".join(KINDS) + ",ridge", help="aligner kinds; 'ridge' adds linear with ridge 1e-3")
+    p.add_argument("--variants", default=",".join(v.label for v in default_variants()),
+                   help="post-hoc fits to run, by label: " + ", ".join(v.label for v in default_variants()))
     p.add_argument("--no-joint", action="store_true", help="skip the joint bc-aligner reference")
     p.add_argument("--profile", choices=["quick", "full"], default="full")
     p.add_argument("--epochs", type=int, help="TrainOptions.epochs override")
     p.add_argument("--ray-address")
     a = p.parse_args(argv)
-    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-    variants = [v for v in default_variants() if (v.kind in kinds and not v.fit) or (v.fit.get("ridge") and "ridge" in kinds)]
+    known = {v.label: v for v in default_variants()}
+    wanted = [x.strip() for x in a.variants.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in known]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(known)}")
+    variants = [known[x] for x in wanted]
     cfg = {
         "dataset": a.dataset, "out": a.out, "seeds": _ints(a.seeds), "dims": _ints(a.dims),
         "fractions": [float(x) for x in a.fractions.split(",")], "variants": [v.model_dump() for v in variants],

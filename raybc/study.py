@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ STUDY_FORMAT = "raybc.byo-study/1"
 class Variant(Options):
     """One post-hoc fit: an aligner kind and the AlignerFitOptions it is fitted with."""
 
-    label: str
+    label: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="Names the cell's root folder and its rows.")
     kind: Literal["linear", "affine", "orthogonal", "residual_mlp"]
     fit: dict[str, Any] = Field(default_factory=dict, description="AlignerFitOptions fields (not kind, fit_rows, holdout, seed).")
 
@@ -80,8 +81,13 @@ class Variant(Options):
 
 
 def default_variants() -> list[Variant]:
-    """Every kind with register's defaults, plus linear with a ridge (the fix for too few pairs)."""
-    return [Variant(label=k, kind=k) for k in KINDS] + [Variant(label="linear ridge=1e-3", kind="linear", fit={"ridge": 1e-3})]
+    """Every kind with register's defaults; linear with a ridge (what should rescue too few pairs);
+    residual_mlp sized for small data (register's defaults, hidden 256 and 20 epochs, give 26,912
+    parameters for 64 -> 32 and, with one batch per epoch here, only 20 Adam steps)."""
+    return [Variant(label=k, kind=k) for k in KINDS] + [
+        Variant(label="linear+ridge1e-3", kind="linear", fit={"ridge": 1e-3}),
+        Variant(label="residual_mlp-h32-e300", kind="residual_mlp", fit={"hidden": 32, "epochs": 300}),
+    ]
 
 
 class StudyOptions(Options):
@@ -283,7 +289,7 @@ def fit_cell(ctx: SeedContext, options: StudyOptions, variant: Variant, fraction
 
     total = sum(ctx.shared.values())
     fit_rows = fit_rows_for(fraction, total)
-    name = f"{variant.label.replace(' ', '_').replace('=', '')}-{fraction:g}"
+    name = f"{variant.label}-{fraction:g}"
     root = Storage(f"{Storage(options.out).uri()}/seed{ctx.seed}/byo/{name}")
     if root.exists(""):  # a cell is always measured afresh: v1 is immutable once published
         root.remove("", recursive=True)
@@ -366,7 +372,8 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in rs if r["status"] == "ok"]
         s: dict[str, Any] = {"label": label, "kind": rs[0]["kind"], "fraction": fraction, "seeds": len(rs), "refused": len(rs) - len(ok),
                              "fit_rows": rs[0].get("fit_rows"), "shared": rs[0].get("shared")}  # fmt: skip
-        for key in ("unintended_rel_pct", "heldout_err", "manifest_err", "seconds", "pairs_train", "pairs_holdout"):
+        extra = [k for k in dict.fromkeys(k for r in rs for k in r) if k.startswith(("auc_rel_pct:", "pairs_train:", "pairs_holdout:", "manifest_err:"))]
+        for key in ("unintended_rel_pct", "heldout_err", "manifest_err", "seconds", "pairs_train", "pairs_holdout", *extra):
             m, sd, n = _nan_stats([r.get(key) for r in ok])
             s[key], s[f"{key}_std"], s[f"{key}_n"] = m, sd, n
         s["messages"] = sorted({r["message"] for r in rs if r.get("message")})
@@ -383,7 +390,7 @@ def _pm(m: float, sd: float, n: int, fmt: str) -> str:
 def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
     """The study's table: consumers relative to fix-m0, both alignment errors, pairs, run time."""
     lines = [
-        "| B_1 | share of pairs | fit_rows | pairs fitted / held out | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | register s |",
+        "| B_1 | share of pairs | fit_rows | pairs fitted / held out | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | run time s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
@@ -402,12 +409,16 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# register's messages open with the sources ("users=URI, items=URI: ..."): long local paths, the same for every cell
+_SOURCES = re.compile(r"^(?:[\w.-]+=[^,:]+(?:, )?)+: ")
+
+
 def refusals(summary: Sequence[Mapping[str, Any]]) -> str:
-    """Each distinct refusal message, with the cells it refused."""
+    """Each distinct refusal message (sources shortened to ``<z_1>``), with the cells it refused."""
     seen: dict[str, list[str]] = {}
     for s in summary:
         for m in s["messages"]:
-            seen.setdefault(m, []).append(f"{s['label']} at {100 * s['fraction']:g}%")
+            seen.setdefault(_SOURCES.sub("<z_1>: ", m), []).append(f"{s['label']} at {100 * s['fraction']:g}%")
     return "\n".join(f"- {', '.join(cells)}: `{m}`" for m, cells in seen.items())
 
 

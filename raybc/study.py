@@ -197,7 +197,9 @@ def score(ctx: SeedContext, emb: Mapping[str, pa.Table], *, source: str) -> dict
 
 
 def heldout_error(ctx: SeedContext, emb: Mapping[str, pa.Table]) -> float:
-    """Relative error of ``emb`` against the stored z_0 on the fixed held-out shared ids, all entities pooled."""
+    """Relative error of ``emb`` against the stored z_0 on the fixed held-out shared ids, all entities pooled.
+
+    In the driver, with dicts: a study-sized check (thousands of ids), not register's cluster-scale judge."""
     num = den = 0.0
     for e in ENTITIES:
         ids0, m0 = read_matrix(ctx.z0[e])
@@ -347,16 +349,21 @@ def run_study(options: StudyOptions, *, ray_address: str | None = None, echo: Ca
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     tasks: list[str] = []
+    timing: dict[str, dict[str, float]] = {}
     for seed in options.seeds:
+        t_seed = time.perf_counter()
         ctx, ref_rows = prepare_seed(options, seed, ray_address=ray_address, echo=echo)
+        t_cells = time.perf_counter()
         tasks = list(ctx.consumers)
         rows += ref_rows
         for fraction in options.fractions:
             for variant in options.variants:
                 rows.append(fit_cell(ctx, options, variant, fraction, ray_address=ray_address, echo=echo))
+        # references: the protocol (trained here, or reused from <out>) and their scoring; cells: every register + backfill + scoring
+        timing[str(seed)] = {"references_s": t_cells - t_seed, "cells_s": time.perf_counter() - t_cells}
     add_relative(rows, tasks)
     return {"format": STUDY_FORMAT, "options": options.model_dump(), "tasks": tasks, "rows": rows, "summary": summarise(rows),
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+            "timing": timing, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- summary and formatting
@@ -384,13 +391,13 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def _pm(m: float, sd: float, n: int, fmt: str) -> str:
     if not math.isfinite(m):
         return "—"
-    return f"{m:{fmt}} ± {sd:{fmt}}" if n > 1 else f"{m:{fmt}}"
+    return f"{m:{fmt}} ± {sd:{fmt.lstrip('+')}}" if n > 1 else f"{m:{fmt}}"
 
 
 def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
     """The study's table: consumers relative to fix-m0, both alignment errors, pairs, run time."""
     lines = [
-        "| B_1 | share of pairs | fit_rows | pairs fitted / held out | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | run time s |",
+        "| B_1 | share of pairs | fit_rows | pairs fitted / held out (sampled per entity) | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | run time s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
@@ -400,6 +407,9 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
             lines.append(f"| {s['label']} | {frac} | {rows} | — | **refused** ({s['refused']}/{s['seeds']} seeds) | — | — | — |")
             continue
         pairs = "—" if not math.isfinite(s["pairs_train"]) else f"{s['pairs_train']:.0f} / {s['pairs_holdout']:.0f}"
+        per = [(e, s.get(f"pairs_train:{e}", float("nan")) + s.get(f"pairs_holdout:{e}", float("nan"))) for e in ENTITIES]
+        if all(math.isfinite(n) for _, n in per):  # what each entity got: fit_rows has been applied per entity
+            pairs += " (" + " + ".join(f"{n:.0f} {e}" for e, n in per) + ")"
         refused = f" ({s['refused']}/{s['seeds']} seeds refused)" if s["refused"] else ""
         lines.append(
             f"| {s['label']} | {frac} | {rows} | {pairs} | {_pm(s['unintended_rel_pct'], s['unintended_rel_pct_std'], s['unintended_rel_pct_n'], '+.2f')}{refused} "
@@ -418,7 +428,10 @@ def refusals(summary: Sequence[Mapping[str, Any]]) -> str:
     seen: dict[str, list[str]] = {}
     for s in summary:
         for m in s["messages"]:
-            seen.setdefault(_SOURCES.sub("<z_1>: ", m), []).append(f"{s['label']} at {100 * s['fraction']:g}%")
+            cells = seen.setdefault(_SOURCES.sub("<z_1>: ", m), [])
+            cell = f"{s['label']} at {100 * s['fraction']:g}% ({s['refused']}/{s['seeds']} seeds)"
+            if cell not in cells:
+                cells.append(cell)
     return "\n".join(f"- {', '.join(cells)}: `{m}`" for m, cells in seen.items())
 
 

@@ -66,6 +66,8 @@ def main(argv: list[str]) -> int:
     print("\n" + markdown_table(result["summary"]))
     print("\nRefusals:\n" + (refusals(result["summary"]) or "none"))
     files = write_outputs(result, a.docs_out)
+    for seed, t in result["timing"].items():
+        print(f"seed {seed}: references {t['references_s']:.1f} s, post-hoc cells {t['cells_s']:.1f} s")
     print(f"\nstudy took {result['seconds']:.1f} s; wrote " + ", ".join(files))
     return 0
 

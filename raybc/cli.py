@@ -86,10 +86,9 @@ def backfill_parser(prog: str = "raybc backfill") -> argparse.ArgumentParser:
 
 def backfill_config(argv: Sequence[str], prog: str = "raybc backfill"):
     """Parse flags (and ``--config``) into a :class:`~raybc.config.BackfillJobConfig`."""
+    a = backfill_parser(prog).parse_args(argv)
     from raybc.config import BackfillJobConfig
     from raybc.options import load_options
-
-    a = backfill_parser(prog).parse_args(argv)
     bf: dict[str, Any] = {}
     if a.from_version is not None:
         bf["from_version"] = a.from_version
@@ -158,10 +157,9 @@ def _retention_overrides(a: argparse.Namespace) -> dict[str, Any] | None:
 
 def reconcile_config(argv: Sequence[str], prog: str = "raybc reconcile"):
     """Parse flags (and ``--config``) into a :class:`~raybc.config.ReconcileJobConfig`."""
+    a = reconcile_parser(prog).parse_args(argv)
     from raybc.config import ReconcileJobConfig
     from raybc.options import load_options
-
-    a = reconcile_parser(prog).parse_args(argv)
     rc: dict[str, Any] = {}
     if a.entity:
         rc["entities"] = _entities(a.entity)
@@ -200,13 +198,6 @@ def run_reconcile_job(cfg) -> int:
 
 
 def run_retention(argv: Sequence[str]) -> int:
-    from raybc.config import RetentionJobConfig
-    from raybc.lease import Lease, LeaseHeldError
-    from raybc.options import load_options
-    from raybc.reconcile import LEASE_NAME
-    from raybc.retention import apply_retention
-    from raybc.storage import Storage
-
     p = argparse.ArgumentParser(
         prog="raybc retention",
         description="Remove uncommitted and superseded snapshot runs older than the retention, never the one "
@@ -222,6 +213,12 @@ def run_retention(argv: Sequence[str]) -> int:
     p.add_argument("--keep-embeddings", action="store_true", help="leave older versions' embeddings z_j in place")
     _storage_flags(p)
     a = p.parse_args(argv)
+    from raybc.config import RetentionJobConfig
+    from raybc.lease import Lease, LeaseHeldError
+    from raybc.options import load_options
+    from raybc.reconcile import LEASE_NAME
+    from raybc.retention import apply_retention
+    from raybc.storage import Storage
     over: dict[str, Any] = {**_storage_overrides(a)}
     ret = _retention_overrides(a)
     if ret:
@@ -262,6 +259,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(argv: Sequence[str]) -> int:
+    a = demo_parser().parse_args(argv)
     from raybc.backfill import BackfillOptions, backfill
     from raybc.config import DemoConfig
     from raybc.data.synthetic import build_registry
@@ -269,8 +267,6 @@ def run_demo(argv: Sequence[str]) -> int:
     from raybc.registry import Registry
     from raybc.snapshots import Snapshots, verify_snapshot
     from raybc.storage import Storage
-
-    a = demo_parser().parse_args(argv)
     over: dict[str, Any] = {"root": a.root}
     if a.rows is not None:
         over["rows"] = a.rows
@@ -356,10 +352,9 @@ def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
 
 
 def register_config(argv: Sequence[str], prog: str = "raybc register"):
+    a = register_parser(prog).parse_args(argv)
     from raybc.config import RegisterConfig
     from raybc.options import load_options
-
-    a = register_parser(prog).parse_args(argv)
     over: dict[str, Any] = {**_storage_overrides(a)}
     over.update(_given(a, "root", "version", "aligner", "method", "ray_address", "summary_json"))
     if a.embeddings:
@@ -443,9 +438,8 @@ def _storage_from(a: argparse.Namespace):
 
 
 def run_versions(argv: Sequence[str]) -> int:
-    from raybc.registry import Registry
-
     a = _root_parser("raybc versions", "List published versions and their lineage.").parse_args(argv)
+    from raybc.registry import Registry
     reg = Registry(_storage_from(a))
     rows = []
     for k in reg.versions():
@@ -467,24 +461,22 @@ def run_versions(argv: Sequence[str]) -> int:
 
 
 def run_snapshots(argv: Sequence[str]) -> int:
-    from raybc.snapshots import snapshot_status, status_table
-
     a = _root_parser(
         "raybc snapshots",
         "List committed snapshots (what each CURRENT names): source version, age, dtype, whether it is stale against the "
         "newest version, the file URIs to read without raybc; and the snapshots the newest version is missing.",
     ).parse_args(argv)
+    from raybc.snapshots import snapshot_status, status_table
     status = snapshot_status(_storage_from(a))
     print(json.dumps(status, indent=2) if a.json else status_table(status))
     return EXIT_OK
 
 
 def run_discard(argv: Sequence[str]) -> int:
-    from raybc.registry import Registry
-
     p = _root_parser("raybc discard", "Remove the weight files of an interrupted, unpublished version.")
     p.add_argument("--version", type=int, required=True)
     a = p.parse_args(argv)
+    from raybc.registry import Registry
     removed = Registry(_storage_from(a)).discard_unpublished(a.version)
     print("removed: " + (", ".join(removed) if removed else "nothing (no unpublished files)"))
     return EXIT_OK
@@ -521,10 +513,9 @@ def train_parser(prog: str = "raybc train") -> argparse.ArgumentParser:
 
 
 def train_config(argv: Sequence[str], prog: str = "raybc train"):
+    a = train_parser(prog).parse_args(argv)
     from raybc.config import TrainJobConfig
     from raybc.options import load_options
-
-    a = train_parser(prog).parse_args(argv)
     train: dict[str, Any] = {}
     if a.method is not None:
         train["method"] = a.method
@@ -589,10 +580,9 @@ def experiment_parser(prog: str = "raybc experiment") -> argparse.ArgumentParser
 
 
 def experiment_config(argv: Sequence[str], prog: str = "raybc experiment"):
+    a = experiment_parser(prog).parse_args(argv)
     from raybc.config import ExperimentJobConfig
     from raybc.options import load_options
-
-    a = experiment_parser(prog).parse_args(argv)
     exp: dict[str, Any] = {}
     exp.update(_given(a, "dataset", "out", "profile", "versions"))
     if a.methods is not None:
@@ -669,11 +659,7 @@ def _read_labels(uri: str, options, *, task: str, version: int):
 
 
 def _consumers_register(argv: Sequence[str]) -> int:
-    from raybc.consumers import TASKS, ConsumerOptions
-    from raybc.gate import ConsumerStore, label_ids, read_label_rows, version_files
-    from raybc.options import load_options
-    from raybc.registry import Registry
-    from raybc.storage import StorageError, check_segment
+    from raybc.consumers import TASKS  # the --task choices (imports torch)
 
     p = _root_parser(
         "raybc consumers register",
@@ -692,6 +678,11 @@ def _consumers_register(argv: Sequence[str]) -> int:
     p.add_argument("--epochs", type=int, help="full-batch Adam steps (overrides the recipe)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     a = p.parse_args(argv)
+    from raybc.consumers import ConsumerOptions
+    from raybc.gate import ConsumerStore, label_ids, read_label_rows, version_files
+    from raybc.options import load_options
+    from raybc.registry import Registry
+    from raybc.storage import StorageError, check_segment
     try:
         check_segment(a.name, what="consumer name")
     except StorageError as exc:
@@ -725,9 +716,8 @@ def _consumers_register(argv: Sequence[str]) -> int:
 
 
 def _consumers_list(argv: Sequence[str]) -> int:
-    from raybc.gate import ConsumerStore
-
     a = _root_parser("raybc consumers list", "List the consumers registered with the publish gate.").parse_args(argv)
+    from raybc.gate import ConsumerStore
     store = ConsumerStore(_storage_from(a))
     rows = [store.summary(n) for n in store.names()]
     if a.json:
@@ -741,11 +731,10 @@ def _consumers_list(argv: Sequence[str]) -> int:
 
 
 def _consumers_remove(argv: Sequence[str]) -> int:
-    from raybc.gate import ConsumerStore
-
     p = _root_parser("raybc consumers remove", "Remove a registered consumer: the gate stops asking it.")
     p.add_argument("--name", required=True)
     a = p.parse_args(argv)
+    from raybc.gate import ConsumerStore
     removed = ConsumerStore(_storage_from(a)).remove(a.name)
     if a.json:
         print(json.dumps({"name": a.name, "removed": removed}, indent=2))
@@ -795,10 +784,6 @@ def _read_aligner(uri: str, layout: str | None, options, *, in_dim: int, out_dim
 
 
 def run_gate(argv: Sequence[str]) -> int:
-    from raybc.gate import GateOptions, GateRefused, PublishGate, file_dim, parquet_files, version_files
-    from raybc.options import validate_options
-    from raybc.registry import Registry
-
     p = _root_parser(
         "raybc gate",
         "Check a candidate version K against every registered consumer of an older version: its embeddings mapped by "
@@ -814,6 +799,9 @@ def run_gate(argv: Sequence[str]) -> int:
     p.add_argument("--consumer", action="append", help="check only this consumer; repeat (default: every registered one)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     a = p.parse_args(argv)
+    from raybc.gate import GateOptions, GateRefused, PublishGate, file_dim, parquet_files, version_files
+    from raybc.options import validate_options
+    from raybc.registry import Registry
     opts = validate_options(GateOptions, _given(a, "max_degradation") | ({"consumers": a.consumer} if a.consumer else {}), source="command-line flags")
     root = _storage_from(a)
     registry = Registry(root)

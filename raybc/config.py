@@ -8,6 +8,9 @@ problems are reported at once (see :func:`raybc.options.load_options`).
 
 from __future__ import annotations
 
+import json
+import os
+
 from pydantic import Field, field_validator, model_validator
 
 from raybc.backfill import BackfillOptions
@@ -21,11 +24,35 @@ from raybc.storage import StorageOptions, check_segment, split_uri
 from raybc.train.fit import TrainOptions
 
 
+def submitted_working_dir() -> str | None:
+    """The unpacked ``--working-dir`` a ``ray job submit`` entrypoint runs in (its cwd), else None.
+    The job supervisor hands the entrypoint its runtime env in RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        runtime_env = (json.loads(raw) or {}).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
+
+
 def _check_uri(v: str) -> str:
     try:
         split_uri(v)
     except StorageError as exc:
         raise ValueError(str(exc)) from None
+    workdir = submitted_working_dir()
+    if workdir is not None and "://" not in v and not os.path.isabs(v):
+        there = os.path.exists(v)
+        raise ValueError(
+            f"{v!r} is a relative path, and this runs as a `ray job submit` job, whose working directory is a "
+            f"temporary copy of the uploaded folder ({workdir}): "
+            + ("what the job wrote there would be deleted with it" if there else
+               "the path is not there (folders .gitignore excludes, such as a demo root, are not uploaded)")
+            + f". Pass an absolute path on a disk the cluster's nodes share (--root \"$PWD/{os.path.normpath(v)}\") "
+            "or a URI (s3://bucket/prefix)"
+        )  # fmt: skip
     return v
 
 

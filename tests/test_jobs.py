@@ -145,6 +145,32 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     assert Registry(Storage(str(train_root))).versions() == [0]
 
+    # the README's own flow, as written: `raybc demo --root ./demo-root` in a clone, then its
+    # `ray job submit ... --root "$PWD/demo-root"` line run by a shell in that clone
+    clone = tmp_path / "clone"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in listed.stdout.split():
+        if (REPO / rel).is_file():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, clone / rel)
+    demo = run([f"{VENV_BIN}/raybc", "demo", "--root", "./demo-root", "--rows", "2000"], cwd=clone)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    shutil.rmtree(clone / "demo-root" / "snapshots")  # so the submitted job has all of it to do
+    readme = (REPO / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265"))
+    cont = readme.splitlines()[readme.splitlines().index(line) + 1].strip()
+    documented = (line.rstrip("\\ ") + " " + cont).replace("http://127.0.0.1:8265", address)
+    assert '--root "$PWD/demo-root"' in documented, documented
+    flow = run(["bash", "-c", documented], env={"RAY_AUTH_TOKEN": token}, cwd=clone, timeout=600)
+    assert flow.returncode == 0, flow.stdout[-3000:] + flow.stderr[-3000:]
+    demo_root = Storage(str(clone / "demo-root"))
+    assert "snapshots committed" in flow.stdout
+    assert all(verify_snapshot(Registry(demo_root), j, e).ok for j in range(4) for e in ("users", "items"))
+    # a relative root under `ray job submit` says why it cannot work, and writes nothing
+    rel = submit(base[:-3] + ["--working-dir", str(clone), "--", "python", "jobs/backfill.py", "--root", "./demo-root"], token)
+    assert rel.returncode != 0 and "is a relative path, and this runs as a `ray job submit` job" in rel.stdout + rel.stderr
+    assert '--root "$PWD/demo-root"' in rel.stdout + rel.stderr
+
     # a failing job makes the CLI exit non-zero
     bad = submit(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"], token)
     assert bad.returncode != 0

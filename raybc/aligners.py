@@ -206,14 +206,28 @@ def fit_from_scans(
             f"on ids both versions hold. Check that the ids are the same kind of id as v{version - 1}'s, or give B_{version} with --aligner"
         )
     train = sum(c["train"] for c in counts.values())
-    need = options.n_params(d_in, d_out) if options.kind == "residual_mlp" else d_in + (options.kind == "affine")
-    unit = "equations" if options.kind == "residual_mlp" else "pairs"
-    have = train * d_out if options.kind == "residual_mlp" else train
-    if have < need or sum(c["holdout"] for c in counts.values()) == 0:
+    held = sum(c["holdout"] for c in counts.values())
+    # What makes the fit well-posed: least squares needs as many pairs as unknowns per output unless
+    # ridge regularises it; Procrustes (an SVD of Y'X) is defined for any number of pairs; the
+    # residual MLP needs as many equations (pairs x outputs) as parameters.
+    if options.kind == "residual_mlp":
+        need, have, unit = options.n_params(d_in, d_out), train * d_out, "equations (pairs x output dimensions)"
+    elif options.kind == "orthogonal" or options.ridge > 0:
+        need, have, unit = 1, train, "pairs"
+    else:
+        need, have, unit = d_in + (options.kind == "affine"), train, "pairs"
+    if have < need or held == 0:
+        article = "an" if options.kind[0] in "aeiou" else "a"
+        fixes = ["give more shared ids", "raise --fit-rows (or 'all')"]
+        if options.kind in ("linear", "affine") and options.ridge == 0:
+            fixes.append("add --ridge (well-posed for any number of pairs)")
+        if options.kind == "residual_mlp":
+            fixes.append("lower --hidden")
+        fixes.append("or fit a simpler kind")
         raise InputDataError(
-            f"{source}: {train:,} training pairs ({shared:,} shared ids, {options.holdout:.0%} held out) give {have:,} {unit}; "
-            f"a {options.kind} B of {d_in} -> {d_out} dimensions needs at least {need:,} (and at least one held-out pair). "
-            "Give more shared ids, raise --fit-rows, or fit a simpler kind"
+            f"{source}: {train:,} training pairs and {held:,} held-out ({shared:,} shared ids, {options.holdout:.0%} "
+            f"held out) give {have:,} {unit}; {article} {options.kind} B of {d_in} -> {d_out} dimensions needs at least "
+            f"{need:,}, and at least one held-out pair. " + ", ".join(fixes[:-1]) + " " + fixes[-1]
         )
     stats = sum_stats([st for s in scans for st in run_on_pairs(pair_stats, s.pairs, s.threshold)])
     training: dict[str, Any] = {}

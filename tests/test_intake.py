@@ -170,7 +170,8 @@ def test_fit_refuses_what_cannot_be_fitted(ray_session, tmp_path):
     rng = np.random.default_rng(5)
     reg = Registry(str(tmp_path / "root"))
     z0 = rng.standard_normal((400, 6)).astype(np.float32)
-    reg.register(0, embeddings={"items": _two_files(tmp_path, "v0", [make_table(np.arange(400), z0)])})
+    v0_files = _two_files(tmp_path, "v0", [make_table(np.arange(400), z0)])
+    reg.register(0, embeddings={"items": v0_files})
     fit = RegisterOptions(fit=AlignerFitOptions(kind="linear"))
     # no overlap at all
     none = _two_files(tmp_path, "none", [make_table(np.arange(1000, 1400), rng.standard_normal((400, 10)).astype(np.float32))])
@@ -178,8 +179,19 @@ def test_fit_refuses_what_cannot_be_fitted(ray_session, tmp_path):
         reg.register(1, embeddings={"items": none}, options=fit)
     # fewer pairs than parameters: 6 shared ids for a 10 -> 6 linear map
     few = _two_files(tmp_path, "few", [make_table(np.r_[0:6, 2000:2300], rng.standard_normal((306, 10)).astype(np.float32))])
-    with pytest.raises(InputDataError, match=r"training pairs \(6 shared ids.*needs at least 10"):
+    with pytest.raises(InputDataError, match=r"training pairs and \d+ held-out \(6 shared ids.*a linear B of 10 -> 6 dimensions needs at least 10.*add --ridge"):
         reg.register(1, embeddings={"items": few}, options=fit)
+    # ridge makes least squares well-posed for any number of pairs, and Procrustes needs no minimum:
+    # 9 shared ids, half held out, are enough for both (the scratch root keeps the test's own intact)
+    q = np.linalg.qr(rng.standard_normal((10, 10)))[0][:6]  # z_1 = z_0 q: B = q^T maps it back exactly
+    nine_z = np.vstack([z0[:9] @ q, rng.standard_normal((300, 10))]).astype(np.float32)
+    nine = _two_files(tmp_path, "nine", [make_table(np.r_[0:9, 3000:3300], nine_z)])
+    for kind, ridge in (("linear", 1e-3), ("orthogonal", 0.0)):
+        scratch = Registry(str(tmp_path / f"scratch-{kind}"))
+        scratch.register(0, embeddings={"items": v0_files})
+        v = scratch.register(1, embeddings={"items": nine}, options=RegisterOptions(fit=AlignerFitOptions(kind=kind, ridge=ridge, holdout=0.5)))
+        assert v.manifest["aligner_fit"]["pairs"]["items"]["train"] < 10
+        assert v.manifest["aligner_fit"]["relative_error"]["items"]["v0"] < 0.5
     # a rank-deficient z_1: 10 dimensions, all linear combinations of z_0's 6
     z1 = (z0 @ rng.standard_normal((6, 10))).astype(np.float32)
     flat = _two_files(tmp_path, "flat", [make_table(np.arange(400), z1)])

@@ -224,7 +224,9 @@ def test_byo_two_tower_example_aligns_far_better_than_the_trivial_bs(ray_session
     # what a v0 consumer reads after the backfill: the as-v0 snapshot, close to the stored z_0
     compat = out["as_v0"]
     assert compat["users_rel_err_v0"] < 0.05 and compat["items_rel_err_v0"] < 0.05, compat
-    # and the v0 recommender keeps its quality on it
-    assert compat["recall@50_v0_with_snapshot"] > 0.9 * compat["recall@50_v0_with_z0"], compat
+    # a v0 consumer scoring snapshot items against its stored z_0 users keeps its quality. (After 5
+    # epochs both towers still rank mostly by popularity, so truncated items score about as well here;
+    # at 40 epochs truncation falls to chance: docs/byo.md.)
+    assert compat["recall@50_z0_users_x_snapshot_items"] > 0.9 * compat["recall@50_v0"], compat
     assert v0["recall@50"] > 0.05 and v1["recall@50"] > 0.05  # both versions learnt the task (random: ~0.03)
     assert math.isfinite(v1["bc_loss"]) and v1["bc_loss"] > 0

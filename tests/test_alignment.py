@@ -139,6 +139,23 @@ def test_bcloss_refuses_bad_options_naming_the_field():
         BCLoss(4, 2, frozen=wrong)
     with pytest.raises(ValueError, match=r"BCLoss\(4 -> 2\) got z_new \(3, 5\)"):
         BCLoss(4, 2)(torch.zeros(3, 5), torch.zeros(3, 2))
+    with pytest.raises(ConfigError, match="version: v0 has no older version"):
+        BCLoss.for_version("/nonexistent-root", 0, 4)
+
+
+def test_publish_version_refuses_what_it_cannot_register_before_writing(tmp_path):
+    from raybc.intake import RegisterOptions
+
+    root = str(tmp_path / "root")
+    with pytest.raises(ConfigError, match="in_place: publish_version writes z_k to temporary files"):
+        publish_version(root, 0, embeddings={"items": (np.arange(3), np.zeros((3, 2)))}, options=RegisterOptions(in_place=True))
+    with pytest.raises(InputDataError, match="embeddings is empty"):
+        publish_version(root, 0, embeddings={})
+    with pytest.raises(InputDataError, match=r"embeddings\['items'\]: 2 ids for a matrix of shape \(3, 2\)"):
+        publish_version(root, 0, embeddings={"items": (np.arange(2), np.zeros((3, 2)))})
+    with pytest.raises(ConfigError, match="aligner: expected a BCLoss, BackwardAligner or raybc Transform, got ndarray"):
+        publish_version(root, 1, embeddings={"items": (np.arange(3), np.zeros((3, 2)))}, aligner=np.eye(2))
+    assert not (tmp_path / "root").exists()
 
 
 # --------------------------------------------------------------------------- export, register, read back

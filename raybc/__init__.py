@@ -7,6 +7,7 @@ The public surface, by concept:
 - transforms: :class:`FanOutPlan` and the transform kinds  (composition and fusion)
 - snapshots:  :class:`Snapshots`, :func:`read_snapshot`    (commit protocol, readers)
 - backfill:   :func:`backfill`, :class:`BackfillOptions`   (the Ray Data pipeline)
+- alignment:  :class:`BCLoss`, :func:`publish_version`     (the BC loss in your own training loop)
 
 Heavy modules (Ray, torch) load on first use, so ``import raybc`` stays cheap.
 """
@@ -33,6 +34,10 @@ _EXPORTS = {
     "backfill": "raybc.backfill",
     "BackfillOptions": "raybc.backfill",
     "BackfillSummary": "raybc.backfill",
+    "BCLoss": "raybc.alignment",
+    "BackwardAligner": "raybc.alignment",
+    "frozen_aligners": "raybc.alignment",
+    "publish_version": "raybc.alignment",
 }
 
 __all__ = ["__version__", *_EXPORTS]

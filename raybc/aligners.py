@@ -264,54 +264,13 @@ def _as_float32(t: Transform) -> Transform:
 # --------------------------------------------------------------------------- residual_mlp with Ray Train
 
 
-def _torch_step(t: Transform):
-    """A frozen older B as a torch function (affine or residual_mlp)."""
-    import torch
-
-    tens = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in t.tensors().items()}
-    if t.kind == "residual_mlp":
-        return lambda x: x @ tens["proj"].T + torch.relu(x @ tens["w1"].T + tens["b1"]) @ tens["w2"].T + tens["b2"]
-    w, b = tens["weight"], tens.get("bias")
-    return (lambda x: x @ w.T + b) if b is not None else (lambda x: x @ w.T)
-
-
-def _residual_module(d_in: int, d_out: int, hidden: int, start: Affine, seed: int):
-    import torch
-    from torch import nn
-
-    class Residual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            g = torch.Generator().manual_seed(seed)
-            self.proj = nn.Parameter(torch.from_numpy(np.asarray(start.weight, np.float32)).clone())
-            self.w1 = nn.Parameter(torch.randn(hidden, d_in, generator=g) / np.sqrt(d_in))
-            self.b1 = nn.Parameter(torch.zeros(hidden))
-            self.w2 = nn.Parameter(torch.zeros(d_out, hidden))  # starts exactly at the least-squares map
-            self.b2 = nn.Parameter(torch.zeros(d_out))
-
-        def forward(self, x):
-            return x @ self.proj.T + torch.relu(x @ self.w1.T + self.b1) @ self.w2.T + self.b2
-
-    return Residual()
-
-
-def multi_step_loss(pred, y, chain: Sequence[Any]):
-    """Mean over the parent's space and every older one of MSE(chain_j(pred), chain_j(y))."""
-    import torch
-
-    stages = [torch.mean((pred - y) ** 2)]
-    a, b = pred, y
-    for step in chain:
-        a, b = step(a), step(b)
-        stages.append(torch.mean((a - b) ** 2))
-    return torch.stack(stages).mean()
-
-
 def residual_loop(config: dict[str, Any]) -> None:
     """The Ray Train loop: rank r trains on buckets r, r+W, ... of the pairs; DDP averages."""
     import ray
     import ray.train
     import torch
+
+    from raybc.alignment import BackwardAligner, multi_step_loss
     from raybc.train.loop import load_checkpoint, save_checkpoint
 
     ctx = ray.train.get_context()
@@ -327,9 +286,9 @@ def residual_loop(config: dict[str, Any]) -> None:
         ys.append(y)
     x = torch.from_numpy(np.concatenate(xs) if xs else np.zeros((0, config["d_in"]), np.float32))
     y = torch.from_numpy(np.concatenate(ys) if ys else np.zeros((0, config["d_out"]), np.float32))
-    start = Affine(np.asarray(config["start"], np.float32))
-    model = _residual_module(config["d_in"], config["d_out"], config["hidden"], start, config["seed"])
-    chain = [_torch_step(t) for t in config["chain"]]
+    # B starts at the least-squares map (W2 = 0); the published older B's are frozen buffers
+    model = BackwardAligner(config["d_in"], config["d_out"], kind="residual_mlp", hidden=config["hidden"], init=config["start"], seed=config["seed"])
+    chain = [BackwardAligner.from_transform(t, trainable=False) for t in config["chain"]]
     optim = torch.optim.Adam(model.parameters(), lr=config["lr"])
     first = 0
     ckpt = ray.train.get_checkpoint()
@@ -349,7 +308,7 @@ def residual_loop(config: dict[str, Any]) -> None:
             idx = perm[i : i + bs]
             if not len(idx):
                 break
-            loss = multi_step_loss(model(x[idx]), y[idx], chain)
+            loss = multi_step_loss(model, x[idx], y[idx], chain)
             optim.zero_grad()
             loss.backward()
             optim.step()

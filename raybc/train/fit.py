@@ -22,6 +22,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from raybc.alignment import BackwardAligner, multi_step_loss, single_step_loss
 from raybc.data.interactions import InteractionData
 from raybc.data.slicing import VersionSlice
 from raybc.embeddings import make_table
@@ -32,7 +33,6 @@ from raybc.options import Options
 from raybc.registry import ModelWeights, Registry, Version
 from raybc.storage import Storage
 from raybc.train.loop import Joint, build_graph, embed, evaluate_state, load_checkpoint, train_loop
-from raybc.train.losses import multi_step_alignment, single_step_alignment
 from raybc.train.methods import METHODS, Method, get_method
 from raybc.transforms import Affine, truncation
 
@@ -126,13 +126,13 @@ def _payload(data: InteractionData, sl: VersionSlice, *, method: Method, model_s
     }  # fmt: skip
 
 
-def fit_posthoc_aligner(zk: torch.Tensor, zp: torch.Tensor, frozen: list[torch.Tensor], *, multi: bool, steps: int, lr: float, seed: int) -> nn.Linear:
+def fit_posthoc_aligner(zk: torch.Tensor, zp: torch.Tensor, frozen: list[torch.Tensor], *, multi: bool, steps: int, lr: float, seed: int) -> BackwardAligner:
     """B_k alone, M_k frozen: full-batch Adam on the single- or multi-step loss over every node."""
     torch.manual_seed(seed)
-    b = nn.Linear(zk.shape[1], zp.shape[1], bias=False)
+    b = BackwardAligner(zk.shape[1], zp.shape[1])  # linear, no bias
     opt = torch.optim.Adam(b.parameters(), lr=lr)
     for _ in range(steps):
-        loss = multi_step_alignment(b, frozen, [zk], [zp]) if multi else single_step_alignment(b, [zk], [zp])
+        loss = multi_step_loss(b, [zk], [zp], frozen) if multi else single_step_loss(b, [zk], [zp])
         opt.zero_grad()
         loss.backward()
         opt.step()

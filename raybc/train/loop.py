@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raybc.alignment import BackwardAligner, multi_step_loss, prefix_loss, single_step_loss
 from raybc.evaluate import alignment_error, recall_at_k
 from raybc.models import BipartiteGraph, build_model
-from raybc.train.losses import bpr_loss, multi_step_alignment, prefix_alignment, single_step_alignment
+from raybc.train.losses import bpr_loss
 from raybc.train.methods import get_method
 
 STATE_FILE = "state.safetensors"
@@ -157,7 +158,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in payload["init_weights"].items()})
     aligner = None
     if method.trains_aligner_jointly and payload.get("prev") is not None:
-        aligner = nn.Linear(model.dim, payload["prev"]["dim"], bias=False)
+        aligner = BackwardAligner(model.dim, payload["prev"]["dim"])  # linear, no bias; nn.Linear's init
     joint = Joint(model, aligner).to(device)
 
     # The alignment target: M_{k-1} run on the current graph, detached (computed once: it is frozen).
@@ -209,11 +210,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 zp = (z_prev[0][bu], z_prev[1][bi], z_prev[1][bn])
                 inner = _unwrap(joint)
                 if method.alignment == "prefix":
-                    align = prefix_alignment(zk, zp)
+                    align = prefix_loss(zk, zp)
                 elif method.alignment == "single":
-                    align = single_step_alignment(inner.aligner, zk, zp)
+                    align = single_step_loss(inner.aligner, zk, zp)
                 else:
-                    align = multi_step_alignment(inner.aligner, frozen, zk, zp)
+                    align = multi_step_loss(inner.aligner, zk, zp, frozen)
                 loss = loss + alignment_weight * align
             optim.zero_grad(set_to_none=True)
             loss.backward()

@@ -2,7 +2,9 @@
 
 Shapes: embeddings are (batch, d). Alignment is computed per node group (users, positive items,
 negative items), one MSE each, summed -- as in the authors' code -- and the multi-step loss
-averages that over every historical space (DESIGN.md).
+averages that over every historical space (DESIGN.md). The alignment losses are those of the
+public :mod:`raybc.alignment` (the same code a team uses in its own loop), under the names and
+argument order raybc's training has always used.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from raybc.alignment import multi_step_loss, prefix_loss, single_step_loss
 
 
 def bpr_loss(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, *, weight_decay: float) -> torch.Tensor:
@@ -23,12 +27,12 @@ def bpr_loss(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, *, weight_de
 
 def prefix_alignment(z_k: Sequence[torch.Tensor], z_prev: Sequence[torch.Tensor]) -> torch.Tensor:
     """BCT (joint-notrans): pull the first d_{k-1} dims of z_k onto z_{k-1}, per group, summed."""
-    return sum(F.mse_loss(a[:, : b.shape[1]], b) for a, b in zip(z_k, z_prev))
+    return prefix_loss(z_k, z_prev)
 
 
 def single_step_alignment(b_k: torch.nn.Module, z_k: Sequence[torch.Tensor], z_prev: Sequence[torch.Tensor]) -> torch.Tensor:
     """MSE(z_{k-1}, B_k z_k), per group, summed."""
-    return sum(F.mse_loss(b_k(a), b) for a, b in zip(z_k, z_prev))
+    return single_step_loss(b_k, z_k, z_prev)
 
 
 def multi_step_alignment(
@@ -36,15 +40,7 @@ def multi_step_alignment(
 ) -> torch.Tensor:
     """d = z_{k-1} - B_k z_k carried through frozen B_{k-1}, ..., B_1; mean over the k stages.
 
-    ``frozen`` holds the weights [W_{k-1}, ..., W_1] (each (d_{j-1}, d_j)); the stage in space j
-    is the MSE of d mapped down to j, so the loss counts misalignment in every historical space.
+    ``frozen`` holds the weights [W_{k-1}, ..., W_1] (each (d_{j-1}, d_j)) or frozen modules; see
+    :func:`raybc.alignment.multi_step_loss`.
     """
-    total = 0.0
-    for a, b in zip(z_k, z_prev):
-        d = b - b_k(a)
-        stages = [d.pow(2).mean()]
-        for w in frozen:
-            d = d @ w.T
-            stages.append(d.pow(2).mean())
-        total = total + torch.stack(stages).mean()
-    return total
+    return multi_step_loss(b_k, z_k, z_prev, frozen)

@@ -56,8 +56,16 @@ class AlignerFitOptions(Options):
     )  # fmt: skip
     holdout: float = Field(default=0.1, gt=0, lt=0.9, description="Share of the sampled ids held out to report the error.")
     ridge: float = Field(default=0.0, ge=0, description="lambda in mean |y - W x|^2 + lambda |W|^2 (linear, affine).")
-    hidden: int = Field(default=256, ge=1, le=65_536, description="residual_mlp: hidden units.")
+    hidden: int | None = Field(
+        default=None, ge=1, le=65_536,
+        description="residual_mlp: hidden units; null: sized to the data (at most 256, at most a quarter as many "
+        "parameters as the training pairs give equations).",
+    )  # fmt: skip
     epochs: int = Field(default=20, ge=1, le=10_000, description="residual_mlp: passes over the training pairs.")
+    min_steps: int = Field(
+        default=300, ge=0, le=10_000_000,
+        description="residual_mlp: at least this many optimiser steps in all (epochs are added when the pairs are few).",
+    )  # fmt: skip
     batch_size: int = Field(default=4096, ge=1, description="residual_mlp: pairs per step (per worker).")
     lr: float = Field(default=1e-3, gt=0, le=1.0, description="residual_mlp: Adam learning rate.")
     num_workers: int = Field(default=0, ge=0, le=1024, description="residual_mlp: Ray Train workers (0: in-process).")
@@ -66,8 +74,22 @@ class AlignerFitOptions(Options):
 
     def n_params(self, d_in: int, d_out: int) -> int:
         if self.kind == "residual_mlp":
-            return d_out * d_in + self.hidden * (d_in + 1) + d_out * (self.hidden + 1)
+            h = self.hidden or 1
+            return d_out * d_in + h * (d_in + 1) + d_out * (h + 1)
         return d_out * (d_in + (self.kind == "affine"))
+
+    def sized(self, train_pairs: int, d_in: int, d_out: int) -> AlignerFitOptions:
+        """These options with ``hidden`` resolved: the largest <= 256 whose parameters stay within a
+        quarter of the equations (pairs x outputs) the training pairs give, at least 8."""
+        if self.kind != "residual_mlp" or self.hidden is not None:
+            return self
+        budget = train_pairs * d_out // 4 - d_out * d_in - d_out
+        return self.model_copy(update={"hidden": int(min(256, max(8, budget // (d_in + 1 + d_out))))})
+
+    def epochs_for(self, train_pairs: int) -> int:
+        """``epochs``, raised so that at least ``min_steps`` optimiser steps are taken."""
+        per_epoch = max(1, -(-train_pairs // self.batch_size))
+        return max(self.epochs, -(-self.min_steps // per_epoch))
 
 
 @dataclass
@@ -207,6 +229,7 @@ def fit_from_scans(
         )
     train = sum(c["train"] for c in counts.values())
     held = sum(c["holdout"] for c in counts.values())
+    options = options.sized(train, d_in, d_out)
     # What makes the fit well-posed: least squares needs as many pairs as unknowns per output unless
     # ridge regularises it; Procrustes (an SVD of Y'X) is defined for any number of pairs; the
     # residual MLP needs as many equations (pairs x outputs) as parameters.
@@ -237,7 +260,7 @@ def fit_from_scans(
         b = solve_procrustes(stats)
     else:
         start = solve_least_squares(stats, affine=False, ridge=max(options.ridge, 1e-6), source=source)
-        b, training = train_residual(scans, options, start=start, registry=registry, version=version)
+        b, training = train_residual(scans, options, start=start, registry=registry, version=version, train_pairs=train)
     b = _as_float32(b)
     chain = older_chain(registry, version - 1)
     report = AlignerReport(
@@ -324,7 +347,9 @@ def residual_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_residual(scans: Sequence[EntityScan], options: AlignerFitOptions, *, start: Affine, registry: Any, version: int) -> tuple[ResidualMLP, dict[str, Any]]:
+def train_residual(
+    scans: Sequence[EntityScan], options: AlignerFitOptions, *, start: Affine, registry: Any, version: int, train_pairs: int
+) -> tuple[ResidualMLP, dict[str, Any]]:
     """residual_mlp with a TorchTrainer; a rerun of the same fit (same pairs and options) resumes."""
     import ray
     import ray.train
@@ -341,7 +366,8 @@ def train_residual(scans: Sequence[EntityScan], options: AlignerFitOptions, *, s
     ).hexdigest()[:12]
     config = {
         "pairs": pairs, "d_in": d_in, "d_out": d_out, "hidden": options.hidden, "start": start.weight, "chain": chain,
-        "lr": options.lr, "epochs": options.epochs, "batch_size": options.batch_size, "seed": options.seed,
+        "lr": options.lr, "epochs": options.epochs_for(-(-train_pairs // max(1, options.num_workers))),  # per worker
+        "batch_size": options.batch_size, "seed": options.seed,
     }  # fmt: skip
     root = registry.root
     run = ray.train.RunConfig(
@@ -359,7 +385,9 @@ def train_residual(scans: Sequence[EntityScan], options: AlignerFitOptions, *, s
 
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)  # local mode keeps the worker's temp dir
     t = ResidualMLP(**{k: current[k].numpy() for k in ("proj", "w1", "b1", "w2", "b2")})
-    return t, {"run": run.name, "epochs": int(meta["epoch"]) + 1, "final_loss": float(meta["loss"])}
+    per_worker = -(-train_pairs // max(1, options.num_workers))
+    steps = (int(meta["epoch"]) + 1) * max(1, -(-per_worker // options.batch_size))
+    return t, {"run": run.name, "epochs": int(meta["epoch"]) + 1, "steps": steps, "hidden": options.hidden, "final_loss": float(meta["loss"])}
 
 
 __all__ = ["KINDS", "AlignerFitOptions", "AlignerReport", "check_given", "fit_from_scans", "judge", "solve_least_squares", "solve_procrustes"]

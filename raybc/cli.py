@@ -338,7 +338,7 @@ def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
     p.add_argument("--fit-rows", help="pairs to sample by id hash for the fit, in total over the entities (default 1000000; 'all': every shared id)")
     p.add_argument("--holdout", type=float, help="share of sampled ids held out to report the error (default 0.1)")
     p.add_argument("--ridge", type=float, help="ridge penalty for linear/affine (default 0)")
-    p.add_argument("--hidden", type=int, help="residual_mlp hidden units")
+    p.add_argument("--hidden", type=int, help="residual_mlp hidden units (default: sized to the data, at most 256)")
     p.add_argument("--epochs", type=int, help="residual_mlp epochs")
     p.add_argument("--num-workers", type=int, help="residual_mlp Ray Train workers (0: in-process)")
     p.add_argument("--use-gpu", action="store_true", help="residual_mlp on GPU workers")

@@ -89,7 +89,7 @@ def test_each_kind_fits_and_is_judged_in_every_space(ray_session, tmp_path, kind
     reg.register(0, embeddings={"items": old.uri()})
     # v1 is the planted version; v2 its copy under another name, so v2's B is judged in v1 AND v0
     reg.register(1, embeddings={"items": new.uri()}, options=RegisterOptions(fit=AlignerFitOptions(kind="linear")))
-    opts = AlignerFitOptions(kind=kind, epochs=3, hidden=16, batch_size=512)
+    opts = AlignerFitOptions(kind=kind, epochs=3, hidden=16, batch_size=512, min_steps=0)
     v2 = reg.register(2, embeddings={"items": new.uri()}, options=RegisterOptions(fit=opts))
     err = v2.manifest["aligner_fit"]["relative_error"]["items"]
     assert set(err) == {"v1", "v0"}
@@ -101,6 +101,13 @@ def test_each_kind_fits_and_is_judged_in_every_space(ray_session, tmp_path, kind
     assert err["v1"] < 1e-3 and err["v0"] < 1e-2, err
     if kind == "residual_mlp":
         assert v2.manifest["aligner_fit"]["training"]["epochs"] == 3
+        # few pairs: hidden sized to the data and epochs raised to min_steps optimiser steps
+        v3 = reg.register(3, embeddings={"items": new.uri()}, options=RegisterOptions(fit=AlignerFitOptions(kind=kind, batch_size=4096)))
+        fit3 = v3.manifest["aligner_fit"]
+        train = fit3["pairs"]["items"]["train"]
+        assert fit3["options"]["hidden"] == min(256, max(8, (train * D_NEW // 4 - D_NEW * D_NEW - D_NEW) // (2 * D_NEW + 1)))
+        per_epoch = -(-train // 4096)
+        assert fit3["training"]["epochs"] == -(-300 // per_epoch) and fit3["training"]["steps"] >= 300
 
 
 def test_given_square_b_needs_its_layout_and_a_transposed_one_is_refused(ray_session, tmp_path):

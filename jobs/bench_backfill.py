@@ -31,11 +31,9 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybc.backfill import BackfillOptions, backfill
@@ -101,57 +99,32 @@ def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict 
 
 
 class RssSampler:
-    """Peak memory of this process and every process it started (the local Ray's raylet, GCS and
-    workers), sampled from /proc: the sum of PSS (each shared page, the object store's included,
-    counted once over the processes sharing it, where summed VmRSS counts it once per process).
-    Only this process's descendants count, so another Ray session on the machine is not added in."""
+    """Peak PSS of this process and every process it started (the local Ray's raylet, GCS and
+    workers), from a sampler in its own process (``jobs/pss_sampler.py``), so the /proc reads are
+    not billed to this process's CPU time, which the benchmarks report as the driver's."""
 
     def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
-
-    @staticmethod
-    def _pss_of(pid: int) -> int:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
-    def _job_pids() -> list[int]:
-        children: dict[int, list[int]] = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-        out, todo = [], [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-        return out
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, sum(self._pss_of(p) for p in self._job_pids()))
-            time.sleep(self.interval_s)
+        self.interval_s, self.peak = interval_s, 0
 
     def __enter__(self) -> RssSampler:
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        import subprocess
+
+        fd, self._out = tempfile.mkstemp(prefix="raybc-pss-")
+        os.close(fd)
+        here = os.path.dirname(os.path.abspath(__file__))
+        self._proc = subprocess.Popen([sys.executable, os.path.join(here, "pss_sampler.py"), str(os.getpid()), self._out, str(self.interval_s)])
+        time.sleep(2 * self.interval_s)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
+        time.sleep(self.interval_s)
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+        try:
+            with open(self._out) as f:
+                self.peak = int(f.read() or 0)
+        finally:
+            os.remove(self._out)
 
 
 def snapshot_bytes(reg: Registry, target: int) -> int:

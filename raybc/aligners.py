@@ -241,11 +241,11 @@ def fit_from_scans(
         need, have, unit = d_in + (options.kind == "affine"), train, "pairs"
     if have < need or held == 0:
         article = "an" if options.kind[0] in "aeiou" else "a"
-        fixes = ["give more shared ids", "raise --fit-rows (or 'all')"]
+        fixes = ["Give more shared ids", "raise --fit-rows (or 'all')"]
         if options.kind in ("linear", "affine") and options.ridge == 0:
             fixes.append("add --ridge (well-posed for any number of pairs)")
-        if options.kind == "residual_mlp":
-            fixes.append("lower --hidden")
+        if options.kind == "residual_mlp" and have >= d_out * d_in + d_out * 9 + 8 * (d_in + 1):
+            fixes.append("lower --hidden")  # only where a smaller hidden layer would fit
         fixes.append("or fit a simpler kind")
         raise InputDataError(
             f"{source}: {train:,} training pairs and {held:,} held-out ({shared:,} shared ids, {options.holdout:.0%} "
@@ -294,6 +294,9 @@ def residual_loop(config: dict[str, Any]) -> None:
     import torch
 
     from raybc.alignment import BackwardAligner, multi_step_loss
+    from raybc.runtime import tame_ray_logs
+
+    tame_ray_logs()
     from raybc.train.loop import load_checkpoint, save_checkpoint
 
     ctx = ray.train.get_context()

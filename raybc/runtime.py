@@ -7,18 +7,57 @@ leaked address must not make it wait on a cluster that is gone.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import ray
 
+# Ray's lines that mislead a raybc user, by logger: the backfill's Ray Data pipeline carries part
+# keys, not rows ("2 rows and 68.0B data written" after 1.6M rows), and asks for CPUs while the
+# previous step's tasks release theirs (the "will hang" warning); Ray Train logs every report.
+_MUTED = {
+    "ray.data.dataset": ("does not have any available CPUs", "Data sink %s finished"),
+    "ray.train.v2._internal.execution.train_fn_utils": ("Reported metrics",),
+}
+
+
+class _Mute(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(t in str(record.msg) for t in self.texts)
+
+
+def tame_ray_logs() -> None:
+    """Drop Ray's misleading lines (above) in this process; idempotent. Workers call it too."""
+    for name, texts in _MUTED.items():
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _Mute) for f in lg.filters):
+            lg.addFilter(_Mute(texts))
+    # log files get no colour codes: Ray colours worker-log prefixes unless told otherwise
+    if not (sys.stderr.isatty() and sys.stdout.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def log_level() -> str | None:
+    """``$RAYBC_LOG_LEVEL`` (debug, info, warning, error), for Ray's own logging; None: Ray's default."""
+    v = os.environ.get("RAYBC_LOG_LEVEL", "").strip().upper()
+    return v if v in ("DEBUG", "INFO", "WARNING", "ERROR") else None
+
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Initialise Ray once: ``address``, else ``$RAY_ADDRESS``, else a new local cluster."""
+    tame_ray_logs()
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"address": target, "log_to_driver": True}
+    if log_level() is not None:
+        kwargs["logging_level"] = log_level()
     if target == "local":
         kwargs["include_dashboard"] = False
     else:

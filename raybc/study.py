@@ -23,8 +23,8 @@ Per seed, what is measured:
   fraction trains on.
 
 The fraction of pairs is turned into ``fit_rows`` = round(fraction x shared ids over all
-entities); the pairs each entity actually got are read back from the manifest and reported
-beside it, since ``fit_rows`` has been applied per entity rather than in total.
+entities), a total that register splits over the entities by their rows; the pairs each entity
+actually got are read back from the manifest and reported beside it.
 
 This module computes and formats the study; ``jobs/byo_study.py`` is its command line.
 """
@@ -397,7 +397,7 @@ def _pm(m: float, sd: float, n: int, fmt: str) -> str:
 def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
     """The study's table: consumers relative to fix-m0, both alignment errors, pairs, run time."""
     lines = [
-        "| B_1 | share of pairs | fit_rows | pairs fitted / held out (sampled per entity) | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | run time s |",
+        "| B_1 | share of pairs | fit_rows | pairs fitted / held out (by entity) | consumer ROC-AUC vs fix-m0 (%) | held-out error (manifest) | error on fixed held-out ids | run time s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
@@ -408,7 +408,7 @@ def markdown_table(summary: Sequence[Mapping[str, Any]]) -> str:
             continue
         pairs = "—" if not math.isfinite(s["pairs_train"]) else f"{s['pairs_train']:.0f} / {s['pairs_holdout']:.0f}"
         per = [(e, s.get(f"pairs_train:{e}", float("nan")) + s.get(f"pairs_holdout:{e}", float("nan"))) for e in ENTITIES]
-        if all(math.isfinite(n) for _, n in per):  # what each entity got: fit_rows has been applied per entity
+        if all(math.isfinite(n) for _, n in per):  # what each entity got (fit_rows is a total, split by rows)
             pairs += " (" + " + ".join(f"{n:.0f} {e}" for e, n in per) + ")"
         refused = f" ({s['refused']}/{s['seeds']} seeds refused)" if s["refused"] else ""
         lines.append(

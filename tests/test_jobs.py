@@ -47,6 +47,9 @@ def test_demo_command_builds_backfills_and_verifies(tmp_path):
     assert p.stdout.count("-> ok") == 8  # 4 older versions x 2 entities
     assert "raybc.read_snapshot(" in p.stdout and "pd.read_parquet" in p.stdout
     assert (root / "snapshots" / "as-v0" / "users" / "CURRENT").exists()
+    # what a user reads has none of Ray's misleading lines, and a log file no colour codes
+    out = p.stdout + p.stderr
+    assert "data written" not in out and "available CPUs" not in out and "\x1b[" not in out, out[-3000:]
     # run again: reuses the registry and has nothing to do
     again = run([f"{VENV_BIN}/raybc", "demo", "--root", str(root), "--rows", "5000"])
     assert again.returncode == 0 and "nothing to do" in again.stdout

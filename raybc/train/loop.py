@@ -139,6 +139,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from raybc.runtime import tame_ray_logs
+
+    tame_ray_logs()  # no "Reported metrics" line per epoch
     payload, opts = config["payload"], config["options"]
     if not isinstance(payload, dict):  # an ObjectRef from the driver
         import ray

@@ -507,6 +507,7 @@ def train_parser(prog: str = "raybc train") -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (0: in-process)")
     p.add_argument("--use-gpu", action="store_true", help="train on GPU workers")
     p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no per-tenth progress lines")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     _storage_flags(p)
     return p
@@ -524,6 +525,8 @@ def train_config(argv: Sequence[str], prog: str = "raybc train"):
     train.update(_given(a, "epochs", "num_workers", "seed"))
     if a.use_gpu:
         train["use_gpu"] = True
+    if a.no_progress:
+        train["progress"] = False
     over: dict[str, Any] = {**_storage_overrides(a)}
     if train:
         over["train"] = train

@@ -217,3 +217,13 @@ def test_two_ray_train_workers_reach_the_quality_of_one(data, tmp_path, ray_sess
     # same data, same global batch: the DDP fit must learn as well, up to sampling noise
     assert two > 0.2 and one > 0.2, results
     assert abs(two - one) < 0.1, results
+
+
+def test_training_shows_a_few_progress_lines_and_none_when_asked(data, tmp_path, capfd):
+    d, slices = data
+    fit_version(Storage(str(tmp_path / "a")), d, slices, version=0, options=quick("no-bc"), echo=lambda s: None)
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("[raybc] epoch ")]
+    assert 3 <= len(lines) <= 11, lines  # about one per tenth of the epochs, never one per epoch
+    assert lines[-1].startswith("[raybc] epoch 30/30: loss ") and "s left" in lines[-1] and "best " in lines[-1]
+    fit_version(Storage(str(tmp_path / "b")), d, slices, version=0, options=quick("no-bc", progress=False), echo=lambda s: None)
+    assert "[raybc] epoch " not in capfd.readouterr().out

@@ -65,6 +65,7 @@ class TrainOptions(Options):
     max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures survived by resuming.")
     posthoc_steps: int = Field(default=500, ge=1)
     posthoc_lr: float = Field(default=0.01, gt=0)
+    progress: bool = Field(default=True, description="One line per tenth of the epochs: loss, validation metric, time left.")
     fail_at_epoch: int | None = Field(default=None, description="Tests only: the last worker dies once there.")
     fail_marker: str | None = None
 
@@ -82,7 +83,7 @@ class TrainOptions(Options):
         return v
 
     def fingerprint(self) -> str:
-        skip = {"num_workers", "use_gpu", "threads_per_worker", "checkpoint_every", "max_failures", "fail_at_epoch", "fail_marker"}
+        skip = {"num_workers", "use_gpu", "threads_per_worker", "checkpoint_every", "max_failures", "fail_at_epoch", "fail_marker", "progress"}
         blob = json.dumps({k: v for k, v in self.model_dump().items() if k not in skip}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

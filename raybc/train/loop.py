@@ -196,6 +196,7 @@ def train_loop(config: dict[str, Any]) -> None:
     select_from = int(opts["selection_start"]) if aligning else 0
     ckpt_every = int(opts["checkpoint_every"])
 
+    t_start, shown = time.perf_counter(), start_epoch * 10 // epochs
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed * 100_003 + epoch * 101 + rank)
@@ -233,6 +234,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 meta["best_value"], meta["best_epoch"] = float(value), epoch
                 best = _state_tensors("m", _unwrap(joint))
                 best = {k[2:]: v for k, v in best.items()}
+            if rank == 0 and opts.get("progress", True) and ((epoch + 1) * 10 // epochs > shown or last):
+                shown = (epoch + 1) * 10 // epochs
+                spent = time.perf_counter() - t_start
+                left = spent / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+                best_s = f"best {meta['best_value']:.4f} at epoch {meta['best_epoch'] + 1}" if meta["best_epoch"] >= 0 else "selection not started"
+                print(f"[raybc] epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f}, {SELECT_METRIC} {value:.4f} ({best_s}), "
+                      f"{spent:.0f} s, about {left:.0f} s left", flush=True)  # fmt: skip
         meta["epoch"] = epoch
         checkpoint = None
         if rank == 0 and ((epoch + 1) % ckpt_every == 0 or last):

@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -449,7 +450,12 @@ def write_outputs(result: Mapping[str, Any], folder: str) -> list[str]:
     """results.json (everything), results.csv (one line per seed and cell), summary.csv, table.md."""
     store = Storage(folder)
     files = []
-    store.write_atomic("results.json", json.dumps(_clean(dict(result)), indent=1, sort_keys=True, default=str).encode())
+    here = os.getcwd().rstrip("/") + "/"
+
+    def text(t: str) -> bytes:  # paths below the working folder written relative: no machine paths
+        return t.replace(here, "").encode()
+
+    store.write_atomic("results.json", text(json.dumps(_clean(dict(result)), indent=1, sort_keys=True, default=str)))
     files.append(store.uri("results.json"))
     for name, rows in (("results.csv", result["rows"]), ("summary.csv", result["summary"])):
         keys: dict[str, None] = {}
@@ -461,9 +467,9 @@ def write_outputs(result: Mapping[str, Any], folder: str) -> list[str]:
         for r in rows:
             w.writerow({k: ("" if (isinstance(v, float) and not math.isfinite(v)) or v is None else (" | ".join(v) if isinstance(v, list) else v))
                         for k, v in r.items() if k in keys})  # fmt: skip
-        store.write_atomic(name, buf.getvalue().encode())
+        store.write_atomic(name, text(buf.getvalue()))
         files.append(store.uri(name))
-    store.write_atomic("table.md", (markdown_table(result["summary"]) + "\n\nRefusals:\n\n" + refusals(result["summary"]) + "\n").encode())
+    store.write_atomic("table.md", text(markdown_table(result["summary"]) + "\n\nRefusals:\n\n" + refusals(result["summary"]) + "\n"))
     files.append(store.uri("table.md"))
     return files
 

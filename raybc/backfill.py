@@ -665,7 +665,7 @@ def backfill(
     file, field or row at fault; nothing is committed for any target then.
     """
     options = options or BackfillOptions()
-    registry = Registry(root)
+    registry = Registry(root).require_exists()
     t0 = time.perf_counter()
     source, targets, entities = resolve_targets(registry, options)
     jobs = [plan_entity(registry, entity=e, source=source, targets=targets, options=options) for e in entities]

@@ -201,6 +201,7 @@ def run_retention(argv: Sequence[str]) -> int:
     from raybc.lease import Lease, LeaseHeldError
     from raybc.options import load_options
     from raybc.reconcile import LEASE_NAME
+    from raybc.registry import Registry
     from raybc.retention import apply_retention
     from raybc.storage import Storage
 
@@ -226,6 +227,7 @@ def run_retention(argv: Sequence[str]) -> int:
         over["dry_run"] = True
     cfg = load_options(RetentionJobConfig, file=a.config, overrides=over)
     root = Storage(cfg.root, cfg.storage)
+    Registry(root).require_exists()  # before the lease: a typo'd root gets no locks/ folder
     if cfg.dry_run:
         apply_retention(root, cfg.retention, dry_run=True)
         return EXIT_OK
@@ -429,11 +431,16 @@ def _root_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _storage_from(a: argparse.Namespace):
+    """The ``--root`` of a command that reads or maintains a registry: one without is a usage error
+    (exit 2) naming the root, so a typo is never answered "nothing there" with exit 0."""
     from raybc.options import validate_options
+    from raybc.registry import Registry
     from raybc.storage import Storage, StorageOptions
 
     opts = validate_options(StorageOptions, _storage_overrides(a).get("storage", {}), source="command-line flags")
-    return Storage(a.root, opts)
+    root = Storage(a.root, opts)
+    Registry(root).require_exists()
+    return root
 
 
 def run_versions(argv: Sequence[str]) -> int:

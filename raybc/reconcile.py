@@ -251,6 +251,7 @@ def reconcile(
     """
     options = options or ReconcileOptions()
     storage = root if isinstance(root, Storage) else Storage(root)
+    Registry(storage).require_exists()  # before the lease: a typo'd root gets no locks/ folder
     t0 = time.perf_counter()
     if dry_run:
         plan = read_plan(storage, options.entities)

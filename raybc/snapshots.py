@@ -166,10 +166,7 @@ class Snapshots:
         """The committed snapshot of ``entity`` as version ``target``; SnapshotError if none."""
         p = self.pointer(target, entity)
         if p is None:
-            raise SnapshotError(
-                f"no committed snapshot of {entity!r} as v{target} in {self.root.uri('snapshots')}; "
-                f"run `raybc backfill --root {self.root.uri()} --to-versions {target}`"
-            )
+            raise SnapshotError(self._why_none(target, entity))
         base = snapshot_dir(target, entity)
         rel = f"{base}/{p.manifest}"
         try:
@@ -204,6 +201,39 @@ class Snapshots:
             )
         return snap
 
+    def _why_none(self, target: int, entity: str) -> str:
+        """Why (target, entity) has no committed snapshot, and the fix for that case: a root without a
+        registry, an unpublished version, the newest version (never a snapshot), an unknown entity,
+        or a snapshot simply not built yet."""
+        from raybc.errors import CREATING_COMMANDS
+
+        root = self.root.uri()
+        what = f"no committed snapshot of {entity!r} as v{target} in {self.root.uri('snapshots')}"
+        registry = Registry(self.root)
+        if not self.root.isdir("registry"):
+            return f"{what}: {root} holds no registry at all; check the root for a typo (a registry is created by {CREATING_COMMANDS})"
+        published = registry.versions()
+        listed = ", ".join(f"v{v}" for v in published) or "none"
+        if target not in published:
+            return f"{what}: v{target} is not a published version of {root} (published: {listed})"
+        newest = registry.get(published[-1])
+        if entity not in newest.embeddings:
+            return f"{what}: the newest version v{newest.version} has no entity {entity!r} (it has: {', '.join(newest.entities) or 'none'})"
+        if target == newest.version:
+            return (
+                f"{what}: v{target} is the newest version, whose embeddings are stored as they are, never as a snapshot; "
+                f"read them from {registry.embeddings_storage(target, entity).uri()} (Registry.get({target}).embeddings[{entity!r}] lists the files)"
+            )
+        return f"{what}: it was not built yet; run `raybc reconcile --root {root}` (or `raybc backfill --root {root} --to-versions {target}`)"
+
+    def missing_files(self, target: int, entity: str) -> list[str]:
+        """Root-relative paths the committed manifest of (target, entity) lists that are not in
+        storage (a damaged snapshot: reconcile rebuilds it). One listing of the run folder."""
+        snap = self.get(target, entity)
+        run = snap.files[0].rsplit("/", 1)[0] if snap.files else None
+        present = set(self.root.list(run)) if run else set()
+        return [f for f in snap.files if f.rsplit("/", 1)[1] not in present]
+
     def list(self) -> list[tuple[int, str, Pointer]]:
         """Every committed (target version, entity, pointer), sorted."""
         out = []
@@ -223,8 +253,15 @@ class Snapshots:
         cols = list(columns) if columns is not None else [ID, EMBEDDING]
         tables = []
         for rel in snap.files:
-            with self.root.open_input(rel) as f:
-                tables.append(pq.read_table(f, columns=cols))
+            try:
+                with self.root.open_input(rel) as f:
+                    tables.append(pq.read_table(f, columns=cols))
+            except FileNotFoundError:
+                raise SnapshotError(
+                    f"{self.root.uri(rel)} is missing: the committed snapshot of {entity!r} as v{target} lists it "
+                    f"({self.root.uri(snapshot_dir(target, entity), CURRENT)} -> its manifest), so it was deleted after commit. "
+                    f"Rebuild the snapshot: `raybc reconcile --root {self.root.uri()}` finds and rebuilds damaged snapshots"
+                ) from None
         if sum(t.num_rows for t in tables) != snap.rows:
             raise IntegrityError(
                 f"{self.root.uri(snapshot_dir(target, entity))}: files hold {sum(t.num_rows for t in tables)} rows but "

@@ -624,6 +624,20 @@ class Storage:
                         f.discard()  # aborts the multipart upload: nothing appears
                     f.closed = True  # so closing (or garbage collection) uploads nothing
 
+    def remove_temporaries(self, rel: str) -> list[str]:
+        """Remove the hidden temporaries of unfinished writes in folder ``rel`` (a killed process's
+        :meth:`open_output` leaves one locally; object stores never show an unfinished upload).
+        Call it only when no writer of that folder can still be running. Returns the names removed."""
+        if not self.is_local:
+            return []
+        try:
+            names = [n for n in self.list(rel) if _TMP_NAME.match(n)]
+        except FileNotFoundError:
+            return []
+        for n in names:
+            _remove_quietly(os.path.join(self.path(rel), n))
+        return names
+
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         def run() -> None:
             with self._errors("remove", rel):
@@ -680,6 +694,10 @@ def _write_local(path: str, data: bytes, publish: Callable[[str, str], None]) ->
         publish(tmp, path)
     finally:
         _remove_quietly(tmp)
+
+
+# What _tmp_name makes: a hidden temporary of a write that never finished when its name is still here.
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
 def _tmp_name(path: str) -> str:

@@ -211,7 +211,7 @@ def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_tempora
     assert p.returncode == cli.EXIT_INTERRUPTED, (out, err)
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"raybc reconcile: interrupted root={root.uri()}") and "a rerun resumes" in last, out
-    assert "Traceback" not in err
+    assert "Traceback" not in err, err
     runs = sorted({f.rsplit("/", 1)[0] for f in root.walk_files("snapshots") if "/from-v2/" in f})
     assert runs, "the interrupted run wrote nothing"
     run_id = runs[0].rsplit("/", 1)[1]
@@ -220,8 +220,10 @@ def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_tempora
         os.makedirs(os.path.dirname(stale), exist_ok=True)
         open(stale, "wb").write(b"PAR1 half a part")
 
-    assert cli.main(args) == cli.EXIT_OK
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("raybc reconcile: done")
+    code = cli.main(args)
+    rerun_out, rerun_err = capsys.readouterr()
+    assert code == cli.EXIT_OK, (rerun_out, rerun_err)
+    assert rerun_out.strip().splitlines()[-1].startswith("raybc reconcile: done"), rerun_out
     snaps = Snapshots(root)
     for t in (0, 1):
         snap = snaps.get(t, "users")

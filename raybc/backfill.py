@@ -76,7 +76,9 @@ class BackfillOptions(Options):
     entities: list[str] | None = Field(default=None, description="Entities; default all of version k.")
     rows_per_part: int = Field(
         default=1_000_000, ge=1, le=100_000_000,
-        description="Rows per part (one task, one output file per target); files split at row groups.",
+        description="Most rows per part (one output file per target). Parts are cut at the input's row-group "
+        "boundaries and never span two input files, so a value below the row-group size (65,536 in files raybc "
+        "writes) still gives one whole row group per file.",
     )  # fmt: skip
     batch_rows: int = Field(
         default=65_536, ge=1, le=4_194_304, description="Rows per batch inside a task; bounds a task's memory."
@@ -445,7 +447,9 @@ def plan_entity(
     committed, pending = [], []
     for t in targets:
         p = snaps.pointer(t, entity)
-        (committed if p is not None and p.source_version == source and p.run_id == run_id else pending).append(t)
+        ours = p is not None and p.source_version == source and p.run_id == run_id
+        # a committed run whose files were deleted since is rebuilt: its missing parts run again
+        (committed if ours and not snaps.missing_files(t, entity) else pending).append(t)
     todo: list[Part] = []
     if pending:
         done_by_target = [set(registry.root.list(run_dir(t, entity, source, run_id))) for t in pending]
@@ -661,7 +665,7 @@ def backfill(
     file, field or row at fault; nothing is committed for any target then.
     """
     options = options or BackfillOptions()
-    registry = Registry(root)
+    registry = Registry(root).require_exists()
     t0 = time.perf_counter()
     source, targets, entities = resolve_targets(registry, options)
     jobs = [plan_entity(registry, entity=e, source=source, targets=targets, options=options) for e in entities]
@@ -699,6 +703,9 @@ def backfill(
         for n, (j, t) in enumerate((j, t) for j in active for t in j.pending):
             if n:
                 crash_point("between_commits")
+            # every part of this run is written, so a temporary left in its folder is a dead
+            # writer's (a worker killed by Ctrl-C or a crash): never part of a committed run
+            registry.root.remove_temporaries(run_dir(t, j.entity, source, j.run_id))
             snaps.commit(
                 target=t, entity=j.entity, source=source, run_id=j.run_id, dim=j.plan.out_dims[t],
                 parts=[FileEntry(p.name, p.rows, 0) for p in j.parts],

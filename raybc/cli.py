@@ -24,6 +24,16 @@ from raybc.errors import ConfigError, RaybcError
 # the reconcile lease (a scheduler's overlapping run: nothing was touched; distinct from 1 so that
 # schedulers can count it as a skip, not a failure).
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
+# Ctrl-C, and a closed stdout pipe (``raybc snapshots ... | head -1``): the shells' 128 + signal.
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 141
+
+# What --rows-per-part does (raybc.backfill.plan_parts): parts are cut at the input files' row-group
+# boundaries, never inside a row group, and never span two input files.
+ROWS_PER_PART_HELP = (
+    "most rows per part (one output file per target), cut at the input's row-group boundaries: "
+    "a part holds whole row groups (raybc writes 65,536-row groups), so a smaller value still gives one "
+    "row group per file, and a part never spans two input files (default 1000000)"
+)
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -72,14 +82,14 @@ def backfill_parser(prog: str = "raybc backfill") -> argparse.ArgumentParser:
     p.add_argument("--from-version", type=int, help="source version k (default: the newest)")
     p.add_argument("--to-versions", help="target versions, comma-separated (default: every older version)")
     p.add_argument("--entity", action="append", help="entity to backfill; repeat or comma-separate (default: all)")
-    p.add_argument("--rows-per-part", type=int, help="rows per task and output file")
+    p.add_argument("--rows-per-part", type=int, help=ROWS_PER_PART_HELP)
     p.add_argument("--batch-rows", type=int, help="rows per batch inside a task")
     p.add_argument("--compression", help="none, snappy, lz4 or zstd")
     p.add_argument("--output-dtype", help="float32 (the contract's type, default) or float16 (half the bytes)")
     p.add_argument("--max-concurrency", type=int, help="most parts in flight")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-part lines")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
-    p.add_argument("--summary-json", help="also write the summary as JSON to this local file")
+    p.add_argument("--summary-json", help="also write the summary as JSON to this local file (- for stdout)")
     _storage_flags(p)
     return p
 
@@ -113,8 +123,7 @@ def run_backfill_job(cfg) -> int:
     summary = backfill(Storage(cfg.root, cfg.storage), cfg.backfill, ray_address=cfg.ray_address)
     print(summary.table())
     if cfg.summary_json:
-        with open(cfg.summary_json, "w") as f:
-            json.dump(summary.to_json(), f, indent=2)
+        _write_json(cfg.summary_json, summary.to_json())
     return EXIT_OK
 
 
@@ -137,9 +146,9 @@ def reconcile_parser(prog: str = "raybc reconcile") -> argparse.ArgumentParser:
     p.add_argument("--retention-s", type=float, help="remove uncommitted/superseded runs older than this (implies --retention)")
     p.add_argument("--grace-s", type=float, help="keep a superseded run this long after its swap (implies --retention)")
     p.add_argument("--keep-embeddings", action="store_true", help="retention leaves older versions' embeddings z_j in place")
-    p.add_argument("--rows-per-part", type=int, help="rows per backfill task and output file")
+    p.add_argument("--rows-per-part", type=int, help=ROWS_PER_PART_HELP)
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
-    p.add_argument("--summary-json", help="also write the result as JSON to this local file")
+    p.add_argument("--summary-json", help="also write the result as JSON to this local file (- for stdout)")
     _storage_flags(p)
     return p
 
@@ -181,19 +190,23 @@ def reconcile_config(argv: Sequence[str], prog: str = "raybc reconcile"):
 
 
 def run_reconcile_job(cfg) -> int:
-    from raybc.reconcile import reconcile
+    from raybc.reconcile import ReconcileInterrupted, reconcile
     from raybc.storage import Storage
 
-    result = reconcile(
-        Storage(cfg.root, cfg.storage), cfg.reconcile, dry_run=cfg.dry_run, retention=cfg.retention,
-        ray_address=cfg.ray_address,
-    )  # fmt: skip
+    try:
+        result = reconcile(
+            Storage(cfg.root, cfg.storage), cfg.reconcile, dry_run=cfg.dry_run, retention=cfg.retention,
+            ray_address=cfg.ray_address,
+        )  # fmt: skip
+    except ReconcileInterrupted as exc:
+        result = exc.result
     for b in result.backfills:
         print(b.table())
     if cfg.summary_json:
-        with open(cfg.summary_json, "w") as f:
-            json.dump(result.to_json(), f, indent=2)
-    print(result.one_line(), flush=True)
+        _write_json(cfg.summary_json, result.to_json())
+    print(result.one_line(), flush=True)  # the last line, also when interrupted (schedulers read it)
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
     return EXIT_BUSY if result.status == "busy" else EXIT_OK
 
 
@@ -217,6 +230,7 @@ def run_retention(argv: Sequence[str]) -> int:
     from raybc.lease import Lease, LeaseHeldError
     from raybc.options import load_options
     from raybc.reconcile import LEASE_NAME
+    from raybc.registry import Registry
     from raybc.retention import apply_retention
     from raybc.storage import Storage
     over: dict[str, Any] = {**_storage_overrides(a)}
@@ -229,6 +243,7 @@ def run_retention(argv: Sequence[str]) -> int:
         over["dry_run"] = True
     cfg = load_options(RetentionJobConfig, file=a.config, overrides=over)
     root = Storage(cfg.root, cfg.storage)
+    Registry(root).require_exists()  # before the lease: a typo'd root gets no locks/ folder
     if cfg.dry_run:
         apply_retention(root, cfg.retention, dry_run=True)
         return EXIT_OK
@@ -258,6 +273,12 @@ def demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Rows whose vectors the demo compares per snapshot: enough to catch a wrong transform anywhere it
+# looks (whole row groups across the input), few enough that verifying costs little next to the
+# backfill at any --rows (ids are always all checked, 8 bytes a row).
+DEMO_VERIFY_ROWS = 100_000
+
+
 def run_demo(argv: Sequence[str]) -> int:
     a = demo_parser().parse_args(argv)
     from raybc.backfill import BackfillOptions, backfill
@@ -285,12 +306,15 @@ def run_demo(argv: Sequence[str]) -> int:
     newest = registry.latest()
     assert newest is not None
     bad = []
-    print("\n[raybc] verifying every snapshot against the step-by-step float64 transform:")
+    print(
+        "\n[raybc] verifying every snapshot against the step-by-step float64 transform (every id; vectors of "
+        f"about {DEMO_VERIFY_ROWS:,} rows, whole row groups spread over the input):"
+    )
     for target, entity, ptr in Snapshots(root).list():
-        v = verify_snapshot(registry, target, entity)
+        v = verify_snapshot(registry, target, entity, sample_rows=DEMO_VERIFY_ROWS)
         print(
             f"  as-v{target}/{entity}: {v.rows:,} rows, ids exactly once: {v.ids_match}, "
-            f"max relative error {v.max_rel_error:.1e} -> {'ok' if v.ok else 'FAILED'}"
+            f"max relative error {v.max_rel_error:.1e} over {v.compared_rows:,} rows compared -> {'ok' if v.ok else 'FAILED'}"
         )
         if not v.ok:
             bad.append(f"as-v{target}/{entity}")
@@ -346,7 +370,7 @@ def register_parser(prog: str = "raybc register") -> argparse.ArgumentParser:
     p.add_argument("--check-rows", type=int, help="shared ids sampled to measure a given B, in total over the entities (default 100000; 0: skip)")
     p.add_argument("--method", help="method name to record (default: external)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
-    p.add_argument("--summary-json", help="also write the published manifest as JSON to this local file")
+    p.add_argument("--summary-json", help="also write the published manifest as JSON to this local file (- for stdout)")
     _storage_flags(p)
     return p
 
@@ -414,6 +438,7 @@ def run_register_job(cfg) -> int:
 
 
 def _write_json(path: str, obj: Any) -> None:
+    """``--summary-json PATH``: write ``obj`` to the local file PATH, or to stdout for ``-``."""
     if path == "-":
         print(json.dumps(obj, indent=1, default=str))
         return
@@ -430,11 +455,16 @@ def _root_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _storage_from(a: argparse.Namespace):
+    """The ``--root`` of a command that reads or maintains a registry: one without is a usage error
+    (exit 2) naming the root, so a typo is never answered "nothing there" with exit 0."""
     from raybc.options import validate_options
+    from raybc.registry import Registry
     from raybc.storage import Storage, StorageOptions
 
     opts = validate_options(StorageOptions, _storage_overrides(a).get("storage", {}), source="command-line flags")
-    return Storage(a.root, opts)
+    root = Storage(a.root, opts)
+    Registry(root).require_exists()
+    return root
 
 
 def run_versions(argv: Sequence[str]) -> int:
@@ -478,7 +508,10 @@ def run_discard(argv: Sequence[str]) -> int:
     a = p.parse_args(argv)
     from raybc.registry import Registry
     removed = Registry(_storage_from(a)).discard_unpublished(a.version)
-    print("removed: " + (", ".join(removed) if removed else "nothing (no unpublished files)"))
+    if a.json:
+        print(json.dumps({"version": a.version, "removed": removed}, indent=2))
+    else:
+        print("removed: " + (", ".join(removed) if removed else "nothing (no unpublished files)"))
     return EXIT_OK
 
 
@@ -578,7 +611,7 @@ def experiment_parser(prog: str = "raybc experiment") -> argparse.ArgumentParser
     p.add_argument("--profile", choices=["quick", "full"], help="full: the protocol at CPU scale; quick: a smoke run")
     p.add_argument("--versions", type=int, help="versions to run (default: all, or 3 with --profile quick)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
-    p.add_argument("--summary-json", help="also write what the run did as JSON to this local file")
+    p.add_argument("--summary-json", help="also write what the run did as JSON to this local file (- for stdout)")
     return p
 
 
@@ -606,8 +639,7 @@ def run_experiment_job(cfg) -> int:
     for f in r.report_files:
         print(f"  {f}")
     if cfg.summary_json:
-        with open(cfg.summary_json, "w") as fh:
-            json.dump({k: v for k, v in vars(r).items() if k != "records"}, fh, indent=1, default=str)
+        _write_json(cfg.summary_json, {k: v for k, v in vars(r).items() if k != "records"})
     return EXIT_OK
 
 
@@ -868,7 +900,7 @@ def guarded(fn: Callable[[], int]) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; committed snapshots are unchanged, a rerun resumes", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
@@ -904,7 +936,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; run `raybc --help` for the list", file=sys.stderr)
         return EXIT_CONFIG
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    return guarded(lambda: COMMANDS[name][0](rest))
+    try:
+        code = guarded(lambda: COMMANDS[name][0](rest))
+        sys.stdout.flush()  # a reader that went away is seen here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `raybc snapshots ... | head -1`: the reader has what it wanted. Point stdout at /dev/null
+        # so the interpreter's final flush cannot raise again, and exit like a killed-by-SIGPIPE tool.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

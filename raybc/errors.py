@@ -45,3 +45,18 @@ class IntegrityError(RaybcError, ValueError):
 
 class SnapshotError(RaybcError, RuntimeError):
     """A snapshot that cannot be committed or read."""
+
+
+# The commands that create a registry: named in the error a root without one gets.
+CREATING_COMMANDS = "`raybc register` (a version trained elsewhere), `raybc train`, `raybc experiment`, or `raybc demo` (synthetic)"
+
+
+class NoRegistryError(ConfigError):
+    """A root that holds no registry: most often a typo in ``--root``. Nothing was created there."""
+
+    def __init__(self, root: str, registry: str):
+        self.root = root
+        super().__init__(
+            [f"root: {root} holds no registry (no {registry} folder); check --root for a typo, or create one by "
+             f"publishing a version: {CREATING_COMMANDS}. Nothing was written there."]  # fmt: skip
+        )

@@ -28,7 +28,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -42,6 +41,7 @@ from raybc.errors import ConfigError, InputDataError, RegistryError, SnapshotErr
 from raybc.gate import ConsumerStore, RegisteredConsumer, read_version_embeddings
 from raybc.options import Options, validate_options
 from raybc.registry import Registry, utc_now
+from raybc.results import ExperimentResult
 from raybc.snapshots import Snapshots, snapshot_dir
 from raybc.storage import Storage
 from raybc.train.methods import METHODS
@@ -106,23 +106,6 @@ def profile_consumer_options(options: ExperimentOptions) -> ConsumerOptions:
     if options.profile == "quick":
         return ConsumerOptions(hidden=[16], dropout=[0.0], seeds=[0, 1], epochs=60, min_item_ratings=3)
     return ConsumerOptions()
-
-
-@dataclass
-class ExperimentResult:
-    """Every (method, version) evaluation, and what the run did."""
-
-    out: str
-    dataset: str
-    methods: list[str]
-    versions: int
-    records: dict[str, dict[int, dict[str, Any]]]  # method -> version -> eval record
-    consumers: dict[str, dict[str, Any]]  # task -> consumer spec (or {"skipped": reason})
-    trained: list[str] = field(default_factory=list)  # "method/v<k>" fitted in this run
-    backfilled: list[str] = field(default_factory=list)
-    evaluated: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    report_files: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- snapshot reading

@@ -38,8 +38,17 @@ LEASE_NAME = "reconcile"
 # a typical daily/hourly schedule and far above clock skew between machines.
 LEASE_TTL_S = 3600.0
 
-State = Literal["missing", "stale", "current", "newer"]
-Status = Literal["done", "nothing_to_do", "busy", "dry_run"]
+State = Literal["missing", "stale", "damaged", "current", "newer"]
+Status = Literal["done", "nothing_to_do", "busy", "dry_run", "interrupted"]
+
+
+class ReconcileInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a reconcile, carrying what it did until then (``result``, status
+    ``interrupted``) so that the command can still end with its summary line."""
+
+    def __init__(self, result: ReconcileResult):
+        super().__init__(result.one_line())
+        self.result = result
 
 
 class ReconcileOptions(Options):
@@ -98,7 +107,7 @@ class ReconcilePlan:
 
     @property
     def todo(self) -> list[PlanItem]:
-        return [i for i in self.items if i.state in ("missing", "stale")]
+        return [i for i in self.items if i.state in ("missing", "stale", "damaged")]
 
     @property
     def up_to_date(self) -> list[PlanItem]:
@@ -125,7 +134,10 @@ class ReconcilePlan:
             lines.append("  no older versions: nothing to reconcile")
         for i in self.items:
             was = "no CURRENT" if i.current_source is None else f"CURRENT from v{i.current_source}"
-            action = {"missing": "build", "stale": "rebuild", "current": "up to date", "newer": "left alone (newer source)"}[i.state]
+            action = {
+                "missing": "build", "stale": "rebuild", "damaged": "rebuild (committed files missing)",
+                "current": "up to date", "newer": "left alone (newer source)",
+            }[i.state]  # fmt: skip
             lines.append(f"  {i.key:<24} {was:<20} -> {action}")
         return "\n".join(lines)
 
@@ -135,13 +147,15 @@ def plan_reconcile(
     versions: Sequence[int],
     entities: Sequence[str],
     current_sources: Mapping[tuple[int, str], int | None],
+    damaged: Sequence[tuple[int, str]] = (),
 ) -> ReconcilePlan:
     """Which snapshots to (re)build so that every older version reads the newest embeddings.
 
     ``versions``: the published versions; ``entities``: those of the newest version to cover;
     ``current_sources[(target, entity)]``: the source version the CURRENT of that snapshot names,
     or None when nothing is committed. A snapshot is *missing* without CURRENT, *stale* when its
-    CURRENT was built from an older source, and *current* when built from the newest.
+    CURRENT was built from an older source, and *current* when built from the newest -- unless it
+    is in ``damaged`` (a file its committed manifest lists is gone): then it is rebuilt.
     """
     if not versions:
         return ReconcilePlan(None, ())
@@ -155,7 +169,7 @@ def plan_reconcile(
             elif src < newest:
                 state = "stale"
             elif src == newest:
-                state = "current"
+                state = "damaged" if (target, entity) in damaged else "current"
             else:  # only if a version was un-published by hand; never overwrite newer work
                 state = "newer"
             items.append(PlanItem(target, entity, state, src))
@@ -179,12 +193,14 @@ def read_plan(root: Storage, entities: Sequence[str] | None = None) -> Reconcile
             source=root.uri(),
         )
     snaps = Snapshots(root)
-    current = {}
+    current, damaged = {}, []
     for t in versions[:-1]:
         for e in names:
             p = snaps.pointer(t, e)
             current[(t, e)] = None if p is None else p.source_version
-    return plan_reconcile(versions=versions, entities=names, current_sources=current)
+            if p is not None and p.source_version == newest.version and snaps.missing_files(t, e):
+                damaged.append((t, e))
+    return plan_reconcile(versions=versions, entities=names, current_sources=current, damaged=damaged)
 
 
 # --------------------------------------------------------------------------- running
@@ -214,7 +230,7 @@ class ReconcileResult:
         if self.retention is not None:
             tail += f" removed_runs={len(self.retention.removed)} removed_embeddings={len(self.retention.removed_embeddings)}"
         tail += f" seconds={self.seconds:.1f}"
-        if self.status == "nothing_to_do" and self.reason:
+        if self.status in ("nothing_to_do", "interrupted") and self.reason:
             tail += f" -- {self.reason}"
         return head + tail
 
@@ -248,9 +264,11 @@ def reconcile(
     :class:`raybc.retention.RetentionOptions`) also removes old runs, under the same lease.
     Returns status ``busy`` -- having touched nothing -- when another run holds the lease.
     Raises a RaybcError subclass when the backfill fails; CURRENTs committed before it stay valid.
+    Ctrl-C raises :class:`ReconcileInterrupted` (a KeyboardInterrupt) holding the result so far.
     """
     options = options or ReconcileOptions()
     storage = root if isinstance(root, Storage) else Storage(root)
+    Registry(storage).require_exists()  # before the lease: a typo'd root gets no locks/ folder
     t0 = time.perf_counter()
     if dry_run:
         plan = read_plan(storage, options.entities)
@@ -264,27 +282,41 @@ def reconcile(
         return ReconcileResult(storage.uri(), "busy", ReconcilePlan(None, ()), reason=str(exc), seconds=time.perf_counter() - t0)
     try:
         # Plan only once the lease is ours: the previous holder may just have built everything.
-        plan = read_plan(storage, options.entities)
-        echo(plan.describe())
-        result = ReconcileResult(storage.uri(), "nothing_to_do", plan)
-        if plan.source is None or not plan.items:
-            result.reason = "fewer than two published versions"
-        elif not plan.todo:
-            result.reason = f"every snapshot is already built from v{plan.source}"
-        for targets, entities in plan.backfill_groups():
-            lease.ensure_held()
-            opts = options.backfill.model_copy(update={"from_version": plan.source, "to_versions": targets, "entities": entities})
-            summary = backfill(storage, opts, ray_address=ray_address, echo=echo)
-            result.backfills.append(summary)
-            result.built += summary.committed
-        if result.built:
-            result.status = "done"
-        if retention is not None:
-            from raybc.retention import apply_retention
-
-            lease.ensure_held()
-            result.retention = apply_retention(storage, retention, echo=echo)
-        result.seconds = time.perf_counter() - t0
-        return result
+        result = ReconcileResult(storage.uri(), "nothing_to_do", ReconcilePlan(None, ()))
+        try:
+            return _reconcile_held(storage, options, lease, result, retention=retention, ray_address=ray_address, echo=echo, t0=t0)
+        except KeyboardInterrupt:
+            result.status, result.seconds = "interrupted", time.perf_counter() - t0
+            result.reason = "interrupted (Ctrl-C): committed snapshots are unchanged, a rerun resumes"
+            raise ReconcileInterrupted(result) from None
     finally:
         lease.release()
+
+
+def _reconcile_held(
+    storage: Storage, options: ReconcileOptions, lease: Lease, result: ReconcileResult, *,
+    retention: Any, ray_address: str | None, echo: Callable[[str], None], t0: float,
+) -> ReconcileResult:  # fmt: skip
+    """The part of :func:`reconcile` that runs under the lease; fills ``result`` as it goes."""
+    plan = read_plan(storage, options.entities)
+    echo(plan.describe())
+    result.plan = plan
+    if plan.source is None or not plan.items:
+        result.reason = "fewer than two published versions"
+    elif not plan.todo:
+        result.reason = f"every snapshot is already built from v{plan.source}"
+    for targets, entities in plan.backfill_groups():
+        lease.ensure_held()
+        opts = options.backfill.model_copy(update={"from_version": plan.source, "to_versions": targets, "entities": entities})
+        summary = backfill(storage, opts, ray_address=ray_address, echo=echo)
+        result.backfills.append(summary)
+        result.built += summary.committed
+    if result.built:
+        result.status = "done"
+    if retention is not None:
+        from raybc.retention import apply_retention
+
+        lease.ensure_held()
+        result.retention = apply_retention(storage, retention, echo=echo)
+    result.seconds = time.perf_counter() - t0
+    return result

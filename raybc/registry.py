@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from raybc import __version__
 from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, parquet_file, write_table
-from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, RegistryError, StorageError
+from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, NoRegistryError, RegistryError, StorageError
 from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, json_bytes
 from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, has_spec, to_bytes
 
@@ -183,6 +183,14 @@ class Registry:
             if m and self.root.exists(f"registry/{name}/{MANIFEST}"):
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def require_exists(self) -> Registry:
+        """Raise :class:`~raybc.errors.NoRegistryError` (a usage error) unless the root holds a
+        ``registry/`` folder. Commands that only read or maintain a registry call this before they
+        write anything (a lease, a snapshot), so a typo'd root is refused and left untouched."""
+        if not self.root.isdir("registry"):
+            raise NoRegistryError(self.root.uri(), self.root.uri("registry") + "/")
+        return self
 
     def latest(self) -> int | None:
         vs = self.versions()

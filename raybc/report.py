@@ -21,14 +21,12 @@ import csv
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from raybc.results import ExperimentResult
 from raybc.storage import Storage
-
-if TYPE_CHECKING:
-    from raybc.experiment import ExperimentResult
 
 COMPAT_REFERENCE = "fix-m0"
 INTENDED_REFERENCE = "no-bc"

@@ -45,6 +45,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from raybc.options import Options
+from raybc.registry import Registry
 from raybc.snapshots import MANIFEST, Snapshots, snapshot_dir
 from raybc.storage import Storage
 
@@ -326,6 +327,7 @@ def apply_retention(
     """Scan, plan and remove (unless ``dry_run``). ``now`` is injectable for tests and audits."""
     options = options or RetentionOptions()
     storage = root if isinstance(root, Storage) else Storage(root)
+    Registry(storage).require_exists()
     now = time.time() if now is None else now
     runs, currents = scan_runs(storage)
     decisions = plan_retention(runs, currents, now=now, options=options)

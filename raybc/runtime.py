@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import time
 from typing import Any
 
 import ray
+
+from raybc.errors import RaybcError
 
 # Ray's lines that mislead a raybc user, by logger: the backfill's Ray Data pipeline carries part
 # keys, not rows ("2 rows and 68.0B data written" after 1.6M rows), and asks for CPUs while the
@@ -48,6 +52,45 @@ def log_level() -> str | None:
     v = os.environ.get("RAYBC_LOG_LEVEL", "").strip().upper()
     return v if v in ("DEBUG", "INFO", "WARNING", "ERROR") else None
 
+# How long a Ray address may take to answer before we say it is wrong. A live GCS answers the
+# HTTP/2 preface in milliseconds even across regions; ray.init itself would wait minutes, printing
+# only its own retry warnings, on an address that accepts connections but is not a Ray cluster.
+RAY_PROBE_TIMEOUT_S = 10.0
+# The client preface of HTTP/2 (what gRPC speaks) and an empty SETTINGS frame: a gRPC server such as
+# Ray's GCS answers with a frame of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+class RayAddressError(RaybcError):
+    """A Ray address with no Ray cluster behind it: refused, unreachable, or silent."""
+
+
+def probe_ray_address(address: str, *, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """Check within ``timeout_s`` that ``host:port`` (or ``ray://host:port``) answers like a gRPC
+    server (Ray's GCS or client server); raise :class:`RayAddressError` naming the address and
+    what happened. Other forms (``local``, ``auto``) are left to ``ray.init``."""
+    hostport = address[len("ray://") :] if address.startswith("ray://") else address
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or "/" in hostport:
+        return
+    fix = "check --ray-address / $RAY_ADDRESS (the head node's GCS address, e.g. 10.0.0.5:6379), or omit it to start a local Ray"
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
+            s.sendall(_H2_PREFACE)
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            if not s.recv(9):
+                raise RayAddressError(f"no Ray cluster at {address}: it closed the connection without answering; {fix}")
+    except ConnectionRefusedError:
+        raise RayAddressError(f"no Ray cluster at {address}: connection refused (nothing listens there); {fix}") from None
+    except (socket.timeout, TimeoutError):
+        raise RayAddressError(
+            f"no Ray cluster at {address}: no answer within {timeout_s:g} s (it accepts connections but does not "
+            f"speak Ray's protocol, or a firewall drops them); {fix}"
+        ) from None
+    except OSError as exc:  # unknown host, no route, reset
+        raise RayAddressError(f"no Ray cluster at {address}: {exc}; {fix}") from None
+
 
 def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
     """Initialise Ray once: ``address``, else ``$RAY_ADDRESS``, else a new local cluster."""
@@ -64,6 +107,8 @@ def ensure_ray(address: str | None = None, **init_kwargs: Any) -> None:
         # an existing cluster has its resources; Ray refuses num_cpus & co. when joining one
         init_kwargs = {k: v for k, v in init_kwargs.items() if k not in _LOCAL_ONLY}
     kwargs.update({k: v for k, v in init_kwargs.items() if v is not None})
+    if target not in ("local", "auto"):
+        probe_ray_address(target)
     ray.init(**kwargs)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybc.embeddings import EMBEDDING, ID
+from raybc.embeddings import EMBEDDING, ID, read_matrix
 from raybc.errors import IntegrityError, SnapshotError, StorageError
 from raybc.registry import FileEntry, Registry, utc_now
 from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, is_transient, retry_transient
@@ -166,10 +166,7 @@ class Snapshots:
         """The committed snapshot of ``entity`` as version ``target``; SnapshotError if none."""
         p = self.pointer(target, entity)
         if p is None:
-            raise SnapshotError(
-                f"no committed snapshot of {entity!r} as v{target} in {self.root.uri('snapshots')}; "
-                f"run `raybc backfill --root {self.root.uri()} --to-versions {target}`"
-            )
+            raise SnapshotError(self._why_none(target, entity))
         base = snapshot_dir(target, entity)
         rel = f"{base}/{p.manifest}"
         try:
@@ -204,6 +201,39 @@ class Snapshots:
             )
         return snap
 
+    def _why_none(self, target: int, entity: str) -> str:
+        """Why (target, entity) has no committed snapshot, and the fix for that case: a root without a
+        registry, an unpublished version, the newest version (never a snapshot), an unknown entity,
+        or a snapshot simply not built yet."""
+        from raybc.errors import CREATING_COMMANDS
+
+        root = self.root.uri()
+        what = f"no committed snapshot of {entity!r} as v{target} in {self.root.uri('snapshots')}"
+        registry = Registry(self.root)
+        if not self.root.isdir("registry"):
+            return f"{what}: {root} holds no registry at all; check the root for a typo (a registry is created by {CREATING_COMMANDS})"
+        published = registry.versions()
+        listed = ", ".join(f"v{v}" for v in published) or "none"
+        if target not in published:
+            return f"{what}: v{target} is not a published version of {root} (published: {listed})"
+        newest = registry.get(published[-1])
+        if entity not in newest.embeddings:
+            return f"{what}: the newest version v{newest.version} has no entity {entity!r} (it has: {', '.join(newest.entities) or 'none'})"
+        if target == newest.version:
+            return (
+                f"{what}: v{target} is the newest version, whose embeddings are stored as they are, never as a snapshot; "
+                f"read them from {registry.embeddings_storage(target, entity).uri()} (Registry.get({target}).embeddings[{entity!r}] lists the files)"
+            )
+        return f"{what}: it was not built yet; run `raybc reconcile --root {root}` (or `raybc backfill --root {root} --to-versions {target}`)"
+
+    def missing_files(self, target: int, entity: str) -> list[str]:
+        """Root-relative paths the committed manifest of (target, entity) lists that are not in
+        storage (a damaged snapshot: reconcile rebuilds it). One listing of the run folder."""
+        snap = self.get(target, entity)
+        run = snap.files[0].rsplit("/", 1)[0] if snap.files else None
+        present = set(self.root.list(run)) if run else set()
+        return [f for f in snap.files if f.rsplit("/", 1)[1] not in present]
+
     def list(self) -> list[tuple[int, str, Pointer]]:
         """Every committed (target version, entity, pointer), sorted."""
         out = []
@@ -223,8 +253,15 @@ class Snapshots:
         cols = list(columns) if columns is not None else [ID, EMBEDDING]
         tables = []
         for rel in snap.files:
-            with self.root.open_input(rel) as f:
-                tables.append(pq.read_table(f, columns=cols))
+            try:
+                with self.root.open_input(rel) as f:
+                    tables.append(pq.read_table(f, columns=cols))
+            except FileNotFoundError:
+                raise SnapshotError(
+                    f"{self.root.uri(rel)} is missing: the committed snapshot of {entity!r} as v{target} lists it "
+                    f"({self.root.uri(snapshot_dir(target, entity), CURRENT)} -> its manifest), so it was deleted after commit. "
+                    f"Rebuild the snapshot: `raybc reconcile --root {self.root.uri()}` finds and rebuilds damaged snapshots"
+                ) from None
         if sum(t.num_rows for t in tables) != snap.rows:
             raise IntegrityError(
                 f"{self.root.uri(snapshot_dir(target, entity))}: files hold {sum(t.num_rows for t in tables)} rows but "
@@ -358,6 +395,16 @@ def read_snapshot_dataset(root: str, entity: str, version: int, *, options: Stor
     return Snapshots(root, options).dataset(version, entity)
 
 
+# Rows whose vectors verify_snapshot compares with the float64 reference, at most. Every id is
+# checked (exactly once, 8 bytes per row); vectors are checked on whole row groups spread over the
+# input, so memory stays at the ids plus this many rows, whatever the snapshot's size: the demo
+# verifies 10M-row snapshots within what the backfill itself needs. Tests below this size compare
+# every row.
+VERIFY_SAMPLE_ROWS = 1_000_000
+# Rows per float64 reference computation: a few MB of temporaries at any dimension raybc uses.
+_VERIFY_CHUNK = 16_384
+
+
 @dataclass(frozen=True)
 class Verification:
     """How a committed snapshot compares with the reference transform of its source embeddings."""
@@ -367,36 +414,107 @@ class Verification:
     rows: int
     input_rows: int
     ids_match: bool  # every input id exactly once
-    max_rel_error: float  # max over rows of |got - ref| / |ref|, reference in float64 step by step
+    max_rel_error: float  # max over the compared rows of |got - ref| / |ref|, reference in float64 step by step
+    compared_rows: int = 0  # rows whose vectors were compared (all of them up to ``sample_rows``)
 
     @property
     def ok(self) -> bool:
         return self.ids_match and self.rows == self.input_rows and self.max_rel_error < 1e-5
 
 
-def verify_snapshot(registry: Registry, target: int, entity: str) -> Verification:
-    """Read a committed snapshot and its source embeddings whole and compare (demo, tests, audits)."""
-    from raybc.embeddings import read_matrix
+def _id_keys(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """uint64 keys of ids: int64 ids exactly (their bits), string ids by a 64-bit hash (pandas'
+    ``hash_array``; two distinct ids collide with probability ~n^2 / 2^64, ~3e-6 at 10M rows)."""
+    if pa.types.is_integer(col.type):
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64).view(np.uint64)
+    from pandas.util import hash_array
+
+    return hash_array(np.asarray(col.to_numpy(zero_copy_only=False), dtype=object))
+
+
+def _row_groups(store: Storage, names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(file, row group, rows) of every row group, in file order, from the footers."""
+    out = []
+    for name in names:
+        with store.open_input(name) as fh:
+            md = pq.ParquetFile(fh).metadata
+        out += [(name, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
+    return out
+
+
+def verify_snapshot(registry: Registry, target: int, entity: str, *, sample_rows: int = VERIFY_SAMPLE_ROWS) -> Verification:
+    """Compare a committed snapshot with its source embeddings transformed step by step in float64.
+
+    Streams: every id of both sides is checked (each input id exactly once in the snapshot), one
+    file at a time; vectors are compared on whole input row groups spread evenly over the input,
+    up to ``sample_rows`` rows (every row when the input is no larger). Memory: 8 bytes per row
+    for the ids, plus the compared rows. Used by the demo, tests and audits.
+    """
     from raybc.transforms import apply_steps, chain_steps
 
     snaps = Snapshots(registry.root)
     snap = snaps.get(target, entity)
-    ids, got = read_matrix(snaps.read_table(target, entity))
     src = registry.embeddings_storage(snap.source_version, entity)
-    tables = []
-    for f in registry.get(snap.source_version).embeddings[entity].files:
-        with src.open_input(f.path) as fh:
-            tables.append(pq.read_table(fh, columns=[ID, EMBEDDING]))
-    src_ids, z = read_matrix(pa.concat_tables(tables))
-    order = np.argsort(src_ids, kind="stable")
-    pos = np.searchsorted(src_ids[order], ids)
-    pos = np.clip(pos, 0, len(order) - 1)
-    ids_match = (
-        len(ids) == len(src_ids) and len(np.unique(ids)) == len(ids) and bool(np.all(src_ids[order][pos] == ids))
-    )
-    if not ids_match:
-        return Verification(target, entity, len(ids), len(src_ids), False, float("inf"))
+    src_names = [f.path for f in registry.get(snap.source_version).embeddings[entity].files]
+    groups = _row_groups(src, src_names)
+    total = sum(n for _, _, n in groups)
+    # every stride-th row group: about sample_rows rows spread over the whole input (all when it fits)
+    stride = max(1, -(-total // max(1, sample_rows)))
+    picked = {(name, g) for name, g, _ in groups[::stride]}
+
+    src_keys, ref_keys, ref_z = [], [], []
+    for name in src_names:
+        with src.open_input(name) as fh:
+            pf = pq.ParquetFile(fh)
+            for g in range(pf.metadata.num_row_groups):
+                if (name, g) in picked:
+                    t = pf.read_row_group(g, columns=[ID, EMBEDDING])
+                    _, z = read_matrix(t)
+                    k = _id_keys(t.column(ID))
+                    ref_keys.append(k)
+                    ref_z.append(z)
+                else:
+                    k = _id_keys(pf.read_row_group(g, columns=[ID]).column(ID))
+                src_keys.append(k)
+    src_all = np.sort(np.concatenate(src_keys)) if src_keys else np.zeros(0, np.uint64)
+    del src_keys
+    ref_k = np.concatenate(ref_keys) if ref_keys else np.zeros(0, np.uint64)
+    order = np.argsort(ref_k, kind="stable")
+    ref_k = ref_k[order]
+
+    snap_keys, got_keys, got_z = [], [], []
+    for rel in snap.files:
+        with snaps.root.open_input(rel) as fh:
+            pf = pq.ParquetFile(fh)
+            for g in range(pf.metadata.num_row_groups):
+                k = _id_keys(pf.read_row_group(g, columns=[ID]).column(ID))
+                snap_keys.append(k)
+                pos = np.minimum(np.searchsorted(ref_k, k), max(len(ref_k) - 1, 0))
+                hit = ref_k[pos] == k if len(ref_k) else np.zeros(len(k), bool)
+                if hit.any():
+                    _, z = read_matrix(pf.read_row_group(g, columns=[ID, EMBEDDING]).filter(pa.array(hit)))
+                    got_keys.append(k[hit])
+                    got_z.append(z)
+    snap_all = np.sort(np.concatenate(snap_keys)) if snap_keys else np.zeros(0, np.uint64)
+    del snap_keys
+    rows, input_rows = len(snap_all), len(src_all)
+    ids_match = rows == input_rows and bool(np.array_equal(snap_all, src_all)) and not bool(np.any(snap_all[1:] == snap_all[:-1]))
+    del snap_all, src_all
+    gk = np.concatenate(got_keys) if got_keys else np.zeros(0, np.uint64)
+    if not ids_match or len(gk) != len(ref_k):
+        return Verification(target, entity, rows, input_rows, False, float("inf"))
+    if not len(gk):
+        return Verification(target, entity, rows, input_rows, True, 0.0, 0)
+    z = np.concatenate(ref_z)
+    del ref_z
+    got = np.concatenate(got_z)
+    del got_z
+    got_order = np.argsort(gk, kind="stable")
     steps = chain_steps({v: registry.aligner(v) for v in range(snap.source_version, target, -1)}, snap.source_version, target)
-    ref = apply_steps(steps, z[order][pos])
-    err = np.linalg.norm(got.astype(np.float64) - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
-    return Verification(target, entity, len(ids), len(src_ids), True, float(err.max()) if len(err) else 0.0)
+    worst = 0.0
+    for lo in range(0, len(order), _VERIFY_CHUNK):  # float64 reference a chunk at a time
+        ref = apply_steps(steps, z[order[lo : lo + _VERIFY_CHUNK]])
+        g = got[got_order[lo : lo + _VERIFY_CHUNK]].astype(np.float64)
+        err = np.linalg.norm(g - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+        worst = max(worst, float(err.max()))
+    return Verification(target, entity, rows, input_rows, True, worst, len(order))

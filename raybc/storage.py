@@ -53,9 +53,14 @@ from raybc.options import Options
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Environment variables read when the options leave credentials unset. They are resolved once, in
-# the process that builds the Storage, and travel inside it to Ray workers: a worker's environment
-# may differ from the driver's (RAY_NOTES: credentials belong in the filesystem's constructor).
+# Environment variables read when the options leave them unset. The endpoint and region are
+# copied into the options (they travel to Ray workers with the Storage; they are not secret).
+# Credentials are NOT copied: a Storage whose options give no credentials lets the S3 client
+# resolve them itself (these variables, then the profile / instance-role provider chain) in each
+# process that opens the filesystem, so a pickled Storage sent to a Ray worker carries no secret
+# the driver's environment held; the worker resolves its own. Credentials given explicitly in the
+# options (a config file) are the only way to send one to workers, and they do travel inside the
+# pickle (as SecretStr: never in a repr, a log line or an error).
 _ENV_KEY = "AWS_ACCESS_KEY_ID"
 _ENV_SECRET = "AWS_SECRET_ACCESS_KEY"
 _ENV_TOKEN = "AWS_SESSION_TOKEN"
@@ -274,15 +279,11 @@ class Storage:
     # ------------------------------------------------------------------ construction
 
     def _resolve_options(self, opts: StorageOptions) -> StorageOptions:
+        """Endpoint and region from the environment when unset; never credentials (see the note at
+        ``_ENV_KEY``: those are resolved by the S3 client in every process, never pickled)."""
         if self.protocol not in ("s3", "s3a"):
             return opts
         updates: dict[str, Any] = {}
-        if not opts.anonymous and opts.access_key_id is None and os.environ.get(_ENV_KEY):
-            updates["access_key_id"] = SecretStr(os.environ[_ENV_KEY])
-            if os.environ.get(_ENV_SECRET) and opts.secret_access_key is None:
-                updates["secret_access_key"] = SecretStr(os.environ[_ENV_SECRET])
-            if os.environ.get(_ENV_TOKEN) and opts.session_token is None:
-                updates["session_token"] = SecretStr(os.environ[_ENV_TOKEN])
         if opts.endpoint_url is None and _first_env(_ENV_ENDPOINT):
             updates["endpoint_url"] = _first_env(_ENV_ENDPOINT)
         if opts.region is None and _first_env(_ENV_REGION):
@@ -328,7 +329,8 @@ class Storage:
                 self._fs = fsspec.filesystem(self.protocol, **self._storage_kwargs())
                 if self.protocol in ("s3", "s3a"):
                     self._fs.retries = _S3FS_ATTEMPTS
-                    _redact_in_client_logs(self.options.secret_access_key, self.options.session_token)
+                    env = [SecretStr(os.environ[n]) for n in (_ENV_SECRET, _ENV_TOKEN) if os.environ.get(n)]
+                    _redact_in_client_logs(self.options.secret_access_key, self.options.session_token, *env)
             except ImportError as exc:
                 hint = {"gs": "pip install 'raybc[gcs]'", "gcs": "pip install 'raybc[gcs]'"}.get(
                     self.protocol, f"install the fsspec implementation for {self.protocol}://"
@@ -622,6 +624,20 @@ class Storage:
                         f.discard()  # aborts the multipart upload: nothing appears
                     f.closed = True  # so closing (or garbage collection) uploads nothing
 
+    def remove_temporaries(self, rel: str) -> list[str]:
+        """Remove the hidden temporaries of unfinished writes in folder ``rel`` (a killed process's
+        :meth:`open_output` leaves one locally; object stores never show an unfinished upload).
+        Call it only when no writer of that folder can still be running. Returns the names removed."""
+        if not self.is_local:
+            return []
+        try:
+            names = [n for n in self.list(rel) if _TMP_NAME.match(n)]
+        except FileNotFoundError:
+            return []
+        for n in names:
+            _remove_quietly(os.path.join(self.path(rel), n))
+        return names
+
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         def run() -> None:
             with self._errors("remove", rel):
@@ -678,6 +694,10 @@ def _write_local(path: str, data: bytes, publish: Callable[[str, str], None]) ->
         publish(tmp, path)
     finally:
         _remove_quietly(tmp)
+
+
+# What _tmp_name makes: a hidden temporary of a write that never finished when its name is still here.
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
 def _tmp_name(path: str) -> str:

@@ -14,10 +14,11 @@ import pytest
 
 from raybc.config import ExperimentJobConfig
 from raybc.errors import ConfigError
-from raybc.experiment import ExperimentOptions, ExperimentResult, committed_run, read_compatible, run_experiment
+from raybc.experiment import ExperimentOptions, committed_run, read_compatible, run_experiment
 from raybc.options import load_options
 from raybc.registry import Registry
 from raybc.report import relative_rows, summary_rows, write_report
+from raybc.results import ExperimentResult
 from raybc.snapshots import Snapshots
 from raybc.storage import Storage
 from raybc.train.methods import METHODS
@@ -150,3 +151,33 @@ def test_experiment_command_line_help_and_bad_flags():
         assert flag in p.stdout
     bad = subprocess.run([sys.executable, "jobs/experiment.py", "--methods", "bc-aligner,nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown method(s) ['nope']" in bad.stderr
+
+
+def _raybc_imports(module: str) -> set[str]:
+    """The raybc modules ``module`` imports anywhere in its source: top level, inside functions,
+    under ``TYPE_CHECKING`` (a type-only import still ties the two modules together)."""
+    import ast
+
+    path = REPO / (module.replace(".", "/") + ".py")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("raybc."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("raybc.")}
+    return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).exists()}
+
+
+def test_the_report_depends_on_the_result_type_not_on_the_experiment_runner():
+    seen, todo = set(), ["raybc.report"]
+    while todo:  # everything the report reaches, transitively
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += sorted(_raybc_imports(m))
+    assert "raybc.experiment" not in seen, "raybc.report reaches raybc.experiment: the two import each other"
+    assert "raybc.results" in _raybc_imports("raybc.report") and "raybc.results" in _raybc_imports("raybc.experiment")
+    assert _raybc_imports("raybc.results") == set(), "the result type depends on nothing of raybc"
+    import raybc.experiment
+
+    assert raybc.experiment.ExperimentResult is ExperimentResult  # the old import path still works

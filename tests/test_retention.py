@@ -147,6 +147,7 @@ def test_retention_on_a_real_root_removes_superseded_and_crashed_runs_only(stora
 def test_grace_period_protects_a_just_superseded_run_on_a_real_root(tmp_path):
     """Retention 0 s: uncommitted leftovers go at once, the run CURRENT just replaced stays."""
     root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[3, 3], rows=4, entities=["items"], rows_per_file=4)  # retention needs a registry
     snaps = Snapshots(root)
     for run_id in ("run-a", "run-b"):  # two commits of as-v0/items from v1: run-b supersedes run-a
         rel = f"{snapshot_dir(0, 'items')}/from-v1/{run_id}/part-0.parquet"
@@ -171,6 +172,7 @@ def test_retention_command_dry_run_and_busy_exit_code(tmp_path):
     from raybc.reconcile import LEASE_NAME
 
     root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[3, 3], rows=4, entities=["items"], rows_per_file=4)  # retention needs a registry
     leftover = f"{snapshot_dir(0, 'items')}/from-v1/run-crashed/part-0.parquet"
     root.write_atomic(leftover, b"partial")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -1,0 +1,287 @@
+"""The ``raybc`` command line as a user meets it: what a command does with a wrong ``--root``,
+its machine-readable output, pipes, and the hints its errors give. Real files, the loopback S3
+server, and the real console entry point (a subprocess) where the shell's behaviour is the claim.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from raybc import cli
+from raybc.storage import Storage
+
+# Every command that reads or maintains a registry, with the flags it needs besides --root.
+# demo, train, register and experiment create one and are not in this list.
+NEEDS_A_REGISTRY = [
+    ["versions"],
+    ["versions", "--json"],
+    ["snapshots"],
+    ["snapshots", "--json"],
+    ["backfill"],
+    ["reconcile"],
+    ["reconcile", "--dry-run"],
+    ["reconcile", "--retention"],
+    ["retention"],
+    ["retention", "--dry-run"],
+    ["discard", "--version", "1"],
+    ["gate", "--version", "1"],
+    ["consumers", "list"],
+    ["consumers", "remove", "--name", "team"],
+    ["consumers", "register", "--name", "team", "--task", "user-activity", "--labels", "labels.parquet", "--version", "0"],
+]
+
+
+def _root_flags(root: Storage) -> list[str]:
+    out = ["--root", root.uri()]
+    if root.options.endpoint_url:
+        out += ["--endpoint-url", root.options.endpoint_url]
+    return out
+
+
+@pytest.mark.parametrize("command", NEEDS_A_REGISTRY, ids=lambda c: " ".join(c[:2]))
+def test_a_root_without_a_registry_is_a_usage_error_and_nothing_is_created_there(command, storage_root, capsys):
+    typo = storage_root.child("nope")
+    code = cli.main([*command, *_root_flags(typo)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    assert f"{typo.uri()} holds no registry" in err and "--root" in err and "raybc register" in err and "Traceback" not in err
+    # nothing written below the typo'd root (no locks/, no snapshots/), nor beside it
+    assert not typo.exists() and storage_root.walk_files() == []
+
+
+# --------------------------------------------------------------------------- a backfilled root, shared
+
+
+ROWS, GROUP, PART = 3_000, 1_000, 1_500  # a part asks for 1,500 rows; row groups hold 1,000
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def backfilled(tmp_path_factory, ray_session):
+    """v0..v2 (dims 4, 6, 8), one entity, backfilled by the CLI with --summary-json - from a folder
+    where a file named '-' would show."""
+    import contextlib
+    import io
+    import os
+
+    from raybc.data.synthetic import build_registry
+
+    base = tmp_path_factory.mktemp("cli")
+    root = Storage(str(base / "root"))
+    build_registry(root, dims=[4, 6, 8], rows=ROWS, entities=["users"], rows_per_file=ROWS, row_group_rows=GROUP, seed=3)
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(base)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["backfill", "--root", root.uri(), "--rows-per-part", str(PART), "--no-progress", "--summary-json", "-"])
+    finally:
+        os.chdir(cwd)
+    assert code == cli.EXIT_OK
+    return root, base, out.getvalue()
+
+
+def test_summary_json_dash_goes_to_stdout_not_to_a_file_named_dash(backfilled):
+    import json
+
+    root, base, out = backfilled
+    assert not (base / "-").exists()
+    summary = json.loads(out[out.index("\n{") + 1 :])  # after the table
+    assert sorted(summary["committed"]) == ["as-v0/users", "as-v1/users"]
+
+
+def test_rows_per_part_does_what_its_help_says(backfilled, capsys):
+    """--help promises whole row groups per part: 1,500 asked, 1,000-row groups -> 1,000-row files."""
+    import pyarrow.parquet as pq
+
+    from raybc.snapshots import Snapshots
+
+    root, _, _ = backfilled
+    assert "row-group boundaries" in cli.backfill_parser().format_help()
+    snap = Snapshots(root).get(0, "users")
+    rows = [pq.ParquetFile(root.path(f)).metadata.num_rows for f in snap.files]
+    assert rows == [GROUP] * (ROWS // GROUP)
+
+
+def test_discard_json_prints_json(backfilled, capsys):
+    import json
+
+    root, _, _ = backfilled
+    code, out, _ = _run(["discard", "--root", root.uri(), "--version", "7", "--json"], capsys)
+    assert code == cli.EXIT_OK and json.loads(out) == {"version": 7, "removed": []}
+
+
+@pytest.mark.parametrize("command", ["snapshots", "versions"])
+def test_a_closed_stdout_pipe_ends_quietly(backfilled, command):
+    """`raybc snapshots ... | head -1`: the reader is gone before raybc writes; no traceback."""
+    import subprocess
+    import sys
+
+    root, _, _ = backfilled
+    p = subprocess.Popen([sys.executable, "-m", "raybc.cli", command, "--root", root.uri()],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    p.stdout.close()  # no reader: the first write gets EPIPE
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == cli.EXIT_PIPE, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_a_deleted_part_is_named_by_the_reader_and_rebuilt_by_reconcile(backfilled, capsys):
+    import json
+    import os
+
+    from raybc.errors import SnapshotError
+    from raybc.registry import Registry
+    from raybc.snapshots import Snapshots, read_snapshot, verify_snapshot
+
+    root, _, _ = backfilled
+    snaps = Snapshots(root)
+    victim = snaps.get(0, "users").files[1]
+    os.remove(root.path(victim))
+    with pytest.raises(SnapshotError, match=rf"{root.uri(victim)} is missing.*raybc reconcile --root {root.uri()}"):
+        read_snapshot(root.uri(), "users", 0)
+    code, out, _ = _run(["reconcile", "--root", root.uri(), "--dry-run"], capsys)
+    assert code == cli.EXIT_OK and "as-v0/users" in out and "committed files missing" in out
+    code, out, _ = _run(["reconcile", "--root", root.uri(), "--rows-per-part", str(PART), "--summary-json", "-"], capsys)
+    assert code == cli.EXIT_OK, out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("raybc reconcile: done") and "built=1" in lines[-1]
+    result = json.loads(out[out.index("\n{") + 1 : out.rindex("\n" + lines[-1])])
+    assert result["built"] == ["as-v0/users"]
+    assert [b["parts_run"] for b in result["backfills"]] == [1]  # the same run: only the lost part ran again
+    assert root.exists(victim) and read_snapshot(root.uri(), "users", 0).num_rows == ROWS
+    assert verify_snapshot(Registry(root), 0, "users").ok
+
+
+def test_read_snapshot_hints_fit_the_case(tmp_path):
+    from raybc.data.synthetic import build_registry
+    from raybc.errors import SnapshotError
+    from raybc.snapshots import read_snapshot
+
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[4, 6, 8], rows=50, entities=["users"], rows_per_file=50)
+    cases = {
+        (str(tmp_path / "nope"), "users", 0): "holds no registry at all; check the root for a typo",
+        (root.uri(), "users", 9): r"v9 is not a published version of .* \(published: v0, v1, v2\)",
+        (root.uri(), "items", 0): r"newest version v2 has no entity 'items' \(it has: users\)",
+        (root.uri(), "users", 2): r"v2 is the newest version, whose embeddings are stored as they are.*embeddings/v2/users",
+        (root.uri(), "users", 0): rf"not built yet; run `raybc reconcile --root {root.uri()}`",
+    }
+    seen = set()
+    for (uri, entity, version), match in cases.items():
+        with pytest.raises(SnapshotError, match=match) as info:
+            read_snapshot(uri, entity, version)
+        if version == 2:
+            assert "--to-versions" not in str(info.value)
+        seen.add(str(info.value).split(": ", 1)[1])
+    assert len(seen) == len(cases)  # a different hint for every case
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_temporaries(tmp_path, ray_session, capsys):
+    """SIGINT while parts are being written: exit 130 and the summary as the last line; a killed
+    worker's temporary in the run folder (planted too, so the check never depends on timing) is
+    never part of the committed run the rerun makes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raybc.data.synthetic import build_registry
+    from raybc.registry import Registry
+    from raybc.snapshots import Snapshots, run_dir, verify_snapshot
+
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[8, 12, 16], rows=200_000, entities=["users"], rows_per_file=200_000, row_group_rows=5_000, seed=5)
+    args = ["reconcile", "--root", root.uri(), "--rows-per-part", "5000"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-m", "raybc.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not any(f.endswith(".parquet") for f in root.walk_files("snapshots")):  # parts are being written
+        assert p.poll() is None and time.monotonic() < deadline, "reconcile ended before writing a part"
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == cli.EXIT_INTERRUPTED, (out, err)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"raybc reconcile: interrupted root={root.uri()}") and "a rerun resumes" in last, out
+    assert "Traceback" not in err, err
+    runs = sorted({f.rsplit("/", 1)[0] for f in root.walk_files("snapshots") if "/from-v2/" in f})
+    assert runs, "the interrupted run wrote nothing"
+    run_id = runs[0].rsplit("/", 1)[1]
+    for t in (0, 1):  # what a worker killed inside open_output leaves behind
+        stale = os.path.join(root.path(run_dir(t, "users", 2, run_id)), ".part-00000-00000.parquet.tmp-0123456789ab")
+        os.makedirs(os.path.dirname(stale), exist_ok=True)
+        open(stale, "wb").write(b"PAR1 half a part")
+
+    code = cli.main(args)
+    rerun_out, rerun_err = capsys.readouterr()
+    assert code == cli.EXIT_OK, (rerun_out, rerun_err)
+    assert rerun_out.strip().splitlines()[-1].startswith("raybc reconcile: done"), rerun_out
+    snaps = Snapshots(root)
+    for t in (0, 1):
+        snap = snaps.get(t, "users")
+        assert snap.run_id == run_id  # the rerun resumed the interrupted run
+        folder = os.path.dirname(root.path(snap.files[0]))
+        assert not [n for n in os.listdir(folder) if ".tmp-" in n], os.listdir(folder)
+        assert verify_snapshot(Registry(root), t, "users").ok
+
+
+@pytest.mark.slow
+def test_demo_verification_streams_checks_every_id_and_compares_a_bounded_sample(tmp_path, ray_session):
+    """raybc demo verifies with verify_snapshot(sample_rows=...): every id checked, vectors of a
+    bounded set of whole row groups. Its numpy memory grows by the ids only (8 bytes a row, a few
+    copies), not by the vectors: the old verification held both tables and a float64 copy, more
+    than 1,500 bytes a row at 64 dims, and was OOM-killed at 10M rows."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybc.backfill import BackfillOptions, backfill
+    from raybc.data.synthetic import build_registry
+    from raybc.embeddings import write_table
+    from raybc.snapshots import Snapshots, verify_snapshot
+
+    dim, sample, group = 64, 20_000, 5_000
+    peaks, regs = {}, {}
+    for rows in (50_000, 200_000):
+        root = Storage(str(tmp_path / f"root{rows}"))
+        regs[rows] = reg = build_registry(root, dims=[dim, dim], rows=rows, entities=["users"], rows_per_file=50_000, row_group_rows=group, seed=2)
+        backfill(root, BackfillOptions(progress=False), echo=lambda _: None)
+        tracemalloc.start()
+        v = verify_snapshot(reg, 0, "users", sample_rows=sample)
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert v.ok and v.rows == v.input_rows == rows and v.ids_match
+        assert sample // 2 <= v.compared_rows <= sample + group, v.compared_rows
+    per_row = (peaks[200_000] - peaks[50_000]) / 150_000
+    assert per_row < 64, f"verification memory grows by {per_row:.0f} bytes a row (peaks {peaks})"
+    reg = regs[200_000]
+    root = reg.root
+    assert verify_snapshot(reg, 0, "users").compared_rows == 200_000  # below the default sample: every row
+
+    # a wrong vector in the first row group (always compared) and a duplicated id anywhere are caught
+    files = Snapshots(root).get(0, "users").files
+    first, last = root.path(files[0]), root.path(files[-1])
+    good = pq.read_table(first)
+    vals = good.column("embedding").combine_chunks().flatten().to_numpy().copy()
+    vals[:dim] *= 2
+    with open(first, "wb") as f:
+        write_table(f, good.set_column(1, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vals), dim)))
+    assert not verify_snapshot(reg, 0, "users", sample_rows=sample).ok
+    with open(first, "wb") as f:
+        write_table(f, good)
+    t = pq.read_table(last)
+    ids = t.column("id").to_numpy().copy()
+    ids[-1] = ids[0]  # one id twice, one missing, in a file whose vectors are mostly not compared
+    with open(last, "wb") as f:
+        write_table(f, t.set_column(0, "id", pa.array(ids)))
+    v = verify_snapshot(reg, 0, "users", sample_rows=sample)
+    assert not v.ids_match and not v.ok

@@ -57,7 +57,7 @@ from raybc.embeddings import (
 from raybc.errors import InputDataError, IntegrityError, RaybcError
 from raybc.options import Options
 from raybc.registry import FileEntry, Registry, version_dir
-from raybc.runtime import ensure_ray
+from raybc.runtime import ensure_ray, quiet
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
 from raybc.transforms import FanOutPlan, Scratch
@@ -665,6 +665,8 @@ def backfill(
     file, field or row at fault; nothing is committed for any target then.
     """
     options = options or BackfillOptions()
+    if quiet():
+        options = options.model_copy(update={"progress": False})
     registry = Registry(root).require_exists()
     t0 = time.perf_counter()
     source, targets, entities = resolve_targets(registry, options)

@@ -921,8 +921,22 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    while args and (args[0] in ("--quiet", "-q") or args[0].startswith("--log-level")):
+        flag = args.pop(0)
+        if flag in ("--quiet", "-q"):
+            os.environ["RAYBC_QUIET"] = "1"
+            continue
+        level = flag.split("=", 1)[1] if "=" in flag else (args.pop(0) if args else "")
+        from raybc.runtime import LOG_LEVELS
+
+        if level.upper() not in LOG_LEVELS:
+            print(f"error: --log-level: expected one of {', '.join(x.lower() for x in LOG_LEVELS)}, got {level!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        os.environ["RAYBC_LOG_LEVEL"] = level.upper()
     if not args or args[0] in ("-h", "--help"):
-        print("usage: raybc COMMAND [options]   (raybc COMMAND --help for its options)\n\ncommands:")
+        print("usage: raybc [--quiet] [--log-level LEVEL] COMMAND [options]   (raybc COMMAND --help for its options)\n\n"
+              "  --quiet, -q          no progress bars or per-part/per-epoch lines; Ray logs warnings only ($RAYBC_QUIET=1)\n"
+              "  --log-level LEVEL    Ray's log level: debug, info, warning, error ($RAYBC_LOG_LEVEL)\n\ncommands:")  # fmt: skip
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:<10} {text}")
         return EXIT_OK if args else EXIT_CONFIG

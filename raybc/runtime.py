@@ -45,12 +45,25 @@ def tame_ray_logs() -> None:
     # log files get no colour codes: Ray colours worker-log prefixes unless told otherwise
     if not (sys.stderr.isatty() and sys.stdout.isatty()):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if quiet():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if log_level() is not None:
+        for name in ("ray", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(log_level())
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def quiet() -> bool:
+    """``raybc --quiet`` / ``$RAYBC_QUIET=1``: no progress bars or per-part/per-epoch lines; Ray warns only."""
+    return os.environ.get("RAYBC_QUIET", "") == "1"
 
 
 def log_level() -> str | None:
-    """``$RAYBC_LOG_LEVEL`` (debug, info, warning, error), for Ray's own logging; None: Ray's default."""
+    """``raybc --log-level`` / ``$RAYBC_LOG_LEVEL`` for Ray's own logging (WARNING when quiet); None: Ray's default."""
     v = os.environ.get("RAYBC_LOG_LEVEL", "").strip().upper()
-    return v if v in ("DEBUG", "INFO", "WARNING", "ERROR") else None
+    return v if v in LOG_LEVELS else ("WARNING" if quiet() else None)
 
 # How long a Ray address may take to answer before we say it is wrong. A live GCS answers the
 # HTTP/2 preface in milliseconds even across regions; ray.init itself would wait minutes, printing

@@ -285,3 +285,31 @@ def test_demo_verification_streams_checks_every_id_and_compares_a_bounded_sample
         write_table(f, t.set_column(0, "id", pa.array(ids)))
     v = verify_snapshot(reg, 0, "users", sample_rows=sample)
     assert not v.ids_match and not v.ok
+
+
+def test_quiet_and_log_level(tmp_path):
+    """`raybc --quiet backfill`: the summary only, no per-part lines, no Ray INFO lines; a bad
+    --log-level is a usage error. Subprocesses: each starts its own local Ray, as a user's would."""
+    import os
+    import subprocess
+    import sys
+
+    from raybc.data.synthetic import build_registry
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYBC_QUIET", "RAYBC_LOG_LEVEL")}
+
+    def raybc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "raybc.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+    roots = [Storage(str(tmp_path / n)) for n in ("loud", "quiet")]
+    for r in roots:
+        build_registry(r, dims=[4, 6], rows=3000, entities=["users"], rows_per_file=1000, seed=2)
+    loud = raybc("backfill", "--root", roots[0].uri(), "--rows-per-part", "1000")
+    quiet = raybc("--quiet", "backfill", "--root", roots[1].uri(), "--rows-per-part", "1000")
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "\tINFO " in loud.stderr and "users part" in loud.stdout + loud.stderr  # what --quiet removes
+    assert "\tINFO " not in quiet.stderr, quiet.stderr[-2000:]
+    assert "users part" not in quiet.stdout + quiet.stderr and "committed: as-v0/users" in quiet.stdout
+    bad = raybc("--log-level", "chatty", "versions", "--root", roots[0].uri())
+    assert bad.returncode == cli.EXIT_CONFIG and "--log-level: expected one of debug, info, warning, error" in bad.stderr
+    assert raybc("--log-level=warning", "versions", "--root", roots[0].uri()).returncode == 0

@@ -189,6 +189,10 @@ def fit_version(
     """
     registry = Registry(root)
     method = get_method(options.method)
+    from raybc.runtime import quiet
+
+    if quiet():
+        options = options.model_copy(update={"progress": False})
     latest = registry.latest()
     expected = 0 if latest is None else latest + 1
     if version != expected:

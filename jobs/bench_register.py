@@ -14,7 +14,7 @@ process and one Ray session:
 - ``backfill``: v1 -> v0 snapshots.
 
 It prints wall time, input rows/s, the driver process's own CPU seconds (``getrusage``: what the
-driver did itself, not its Ray workers) and the peak RSS of the whole job (driver + every Ray
+driver did itself, not its Ray workers) and the peak PSS of the whole job (driver + every Ray
 process), and the ratio of the driver's CPU at 4N rows against N rows with the same number of
 files (target <= 1.5x: the driver's work is O(files), not O(rows)). The planted map's recovery is
 checked on a sample of the snapshot: mean |B z_1 - z_0|^2 against the noise floor (target <= 1.5x).
@@ -53,7 +53,7 @@ def _cpu_s() -> float:
 
 
 def _measure(fn):
-    """(result, wall seconds, driver CPU seconds, peak RSS of the job) of one call."""
+    """(result, wall seconds, driver CPU seconds, peak PSS of the job) of one call."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_backfill import RssSampler
 
@@ -123,7 +123,7 @@ def run_size(workdir: str, rows: int, a: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'rows':>12} {'step':<18} {'seconds':>9} {'rows/s':>12} {'driver CPU s':>13} {'peak RSS GB':>12}"
+    head = f"{'rows':>12} {'step':<18} {'seconds':>9} {'rows/s':>12} {'driver CPU s':>13} {'peak PSS GB':>12}"
     out = [head]
     for r in rows:
         for step, rate in (("register_v0", None), ("register_v1_fit", "rows_per_s"), ("backfill", "rows_per_s")):

@@ -305,6 +305,7 @@ def _recipe() -> dict:
 )
 def test_malformed_labels_exit_2_naming_the_file_and_column(tmp_path, world, capsys, change, named):
     root = Storage(str(tmp_path / "root"))
+    publish_v0(root, world)  # a real registry: the labels are what is wrong
     path = put_parquet(tmp_path / "labels.parquet", change(world["labels"]))
     code = cli.main(["consumers", "register", "--root", root.uri(), "--name", NAME, "--task", TASK, "--labels", path, "--version", "0"])
     err = capsys.readouterr().err
@@ -316,7 +317,8 @@ def test_malformed_labels_exit_2_naming_the_file_and_column(tmp_path, world, cap
     assert ConsumerStore(root).names() == []
 
 
-def test_labels_that_are_not_parquet_or_missing_exit_2(tmp_path, capsys):
+def test_labels_that_are_not_parquet_or_missing_exit_2(tmp_path, world, capsys):
+    publish_v0(Storage(str(tmp_path / "r")), world)  # a real registry: the labels are what is wrong
     bogus = tmp_path / "labels.parquet"
     bogus.write_text("id,label,split\n1,0,train\n")
     for path, text in ((str(bogus), "is not a readable Parquet file"), (str(tmp_path / "nope.parquet"), "no such file")):

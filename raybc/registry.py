@@ -189,6 +189,9 @@ class Registry:
         ``registry/`` folder. Commands that only read or maintain a registry call this before they
         write anything (a lease, a snapshot), so a typo'd root is refused and left untouched."""
         if not self.root.isdir("registry"):
+            missing = self.root._bucket_missing("registry")  # a missing bucket is a storage error, named
+            if missing is not None:
+                raise missing
             raise NoRegistryError(self.root.uri(), self.root.uri("registry") + "/")
         return self
 

@@ -316,6 +316,13 @@ class Storage:
                 kw["key"] = o.access_key_id.get_secret_value()
             if o.secret_access_key is not None:
                 kw["secret"] = o.secret_access_key.get_secret_value()
+            # one half given in the options, the other in this process's environment: botocore
+            # takes explicit credentials whole or not at all, so complete the pair here (resolved
+            # where the client is made, never stored in the options, so never pickled)
+            if ("key" in kw) != ("secret" in kw):
+                missing, env = ("secret", _ENV_SECRET) if "key" in kw else ("key", _ENV_KEY)
+                if os.environ.get(env):
+                    kw[missing] = os.environ[env]
             if o.session_token is not None:
                 kw["token"] = o.session_token.get_secret_value()
             kw.update(o.extra)

@@ -15,7 +15,7 @@ from raybc.storage import Storage, StorageOptions
 
 from test_jobs import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # bench_backfill.py starts a local Ray
 SMALL = ["--rows", "20000", "--files", "2", "--repeats", "1", "--cpus", "2"]
 
 

@@ -230,15 +230,20 @@ def test_shipped_train_configs_validate():
 @pytest.mark.slow
 def test_two_ray_train_workers_reach_the_quality_of_one(data, tmp_path, ray_session):
     d, slices = data
-    results = {}
+    results, worlds = {}, {}
     for workers in (0, 2):
         root = Storage(str(tmp_path / f"w{workers}"))
         v = fit_version(root, d, slices, version=0, options=quick("no-bc", epochs=40, num_workers=workers, seed=1), echo=lambda s: None)
         results[workers] = v.metrics["recall@50"]
+        worlds[workers] = {h["world_size"] for h in v.hyperparameters["history"]}
+    # the in-process fit ran as one rank, the Ray Train fit as two DDP ranks, at every evaluation
+    assert worlds == {0: {1}, 2: {2}}, worlds
     one, two = results[0], results[2]
+    # untrained GNNs already score 0.26-0.57 Recall@50 here; one trained worker reaches ~0.85
+    baseline = untrained_recall50(d, slices[0], dim=DIMS[0])
+    assert one > baseline + 0.15 and two > baseline + 0.15, (results, baseline)
     # same data, same global batch: the DDP fit must learn as well, up to sampling noise
-    assert two > 0.2 and one > 0.2, results
-    assert abs(two - one) < 0.1, results
+    assert abs(two - one) < 0.1, (results, baseline)
 
 
 def test_training_shows_a_few_progress_lines_and_none_when_asked(data, tmp_path, capfd):

@@ -80,3 +80,18 @@ def make_storage(kind: str, tmp_path, request):
 def storage_root(request, tmp_path):
     """The same test body over a local folder and an S3 bucket on the loopback server."""
     return make_storage(request.param, tmp_path, request)
+
+
+# Fixtures that start Ray processes, or talk to the S3 server; a test that uses one (directly or
+# through another fixture) gets the marker, so `-m "not cluster"` / `-m "not s3"` never leaks one.
+RAY_FIXTURES = frozenset({"ray_session", "ray_head", "two_nodes", "two_node_cluster"})
+S3_FIXTURES = frozenset({"s3_server", "s3_bucket"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & RAY_FIXTURES and item.get_closest_marker("cluster") is None:
+            item.add_marker(pytest.mark.cluster)
+        if used & S3_FIXTURES and item.get_closest_marker("s3") is None:
+            item.add_marker(pytest.mark.s3)

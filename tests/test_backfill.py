@@ -6,6 +6,8 @@ cluster over a local folder and a real S3 server on loopback.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,11 +93,13 @@ def test_part_names_are_stable():
 
 
 def tree(storage) -> dict[str, tuple]:
-    """Every file below the root with what changes when it is rewritten."""
+    """Every file below the root: the sha256 of its bytes (any change of content, whatever its size),
+    and its mtime (local) or ETag (S3), which a rewrite of the very same bytes changes too."""
     out = {}
     for rel in storage.walk_files():
         info = storage.fs.info(storage.path(rel))
-        out[rel] = (info.get("size"), info.get("mtime") or info.get("ETag") or info.get("LastModified"))
+        stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified")
+        out[rel] = (hashlib.sha256(storage.read_bytes(rel)).hexdigest(), stamp)
     return out
 
 

@@ -240,12 +240,16 @@ def test_worker_killed_mid_write_is_retried_and_output_is_exactly_once(tmp_path,
     p = start_driver(root, session_address(), markers, pause_s=0.5, compression="none")
     victim = wait_for(lambda: markers_of(markers), what="a write task to start")[0]
     pid = int(victim.name.split("-")[0])
+    killed_at_ns = time.time_ns()
     os.kill(pid, signal.SIGKILL)  # a Ray worker process of this test's own cluster, mid-write
     code, out = finish(p)
     assert code == 0, out
     assert "RESULT" in out
-    pids = [int(m.name.split("-")[0]) for m in markers_of(markers)]
-    assert pid in pids and len(pids) > ROWS // PER_PART, "the killed task ran again"
+    started = [(int(m.name.split("-")[0]), int(m.name.split("-")[1])) for m in markers_of(markers)]
+    # one marker per write task started: every part once, and the killed task exactly once more
+    assert len(started) == ROWS // PER_PART + 1, f"{len(started)} write tasks for {ROWS // PER_PART} parts"
+    rerun = [q for q, t in started if t > killed_at_ns]
+    assert rerun and pid not in rerun, "the killed task ran again, in another worker"
     assert_exactly_once(root, reference)
 
 

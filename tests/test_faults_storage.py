@@ -138,8 +138,11 @@ def test_transient_fault_is_retried_by_the_operation_and_logged(proxy, s3_bucket
         assert s.read_bytes("data/x.bin") == b"payload"
     assert proxy.injected(fault) == 2
     lines = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
-    # aiohttp itself resends once when a reused keep-alive connection is reset: one fault may not reach raybc
-    assert len(lines) == (2 if fault != "reset" else len(lines)) and 1 <= len(lines) <= 2, lines
+    # aiohttp itself resends a request once when its reused keep-alive connection is reset (the
+    # connection write_atomic left open): the first reset never reaches raybc, the second does.
+    # Either way the proxy saw exactly the two faulted GETs and the one that passed.
+    assert len(lines) == (1 if fault == "reset" else 2), lines
+    assert proxy.requests("GET") == 3
     assert f"retrying read s3://{s3_bucket}/root/data/x.bin after a transient fault" in lines[0]
     assert [("attempt %d/3 failed" % (i + 1)) in line for i, line in enumerate(lines)] == [True] * len(lines)
     # writes too: CURRENT-style one-PUT replacement

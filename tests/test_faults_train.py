@@ -19,6 +19,7 @@ from raybc.errors import RegistryError
 from raybc.registry import Registry
 from raybc.storage import Storage
 from raybc.train.fit import TrainOptions, fit_version
+from test_train import untrained_recall50
 
 EPOCHS, FAIL_AT, CKPT_EVERY, EVAL_EVERY = 16, 9, 4, 2
 
@@ -42,7 +43,13 @@ def test_worker_killed_mid_fit_resumes_from_the_last_checkpoint_and_publishes_on
     history = v.hyperparameters["history"]
     assert [h["epoch"] for h in history] == list(range(EVAL_EVERY - 1, EPOCHS, EVAL_EVERY))
     assert max(h["epoch"] for h in history) > FAIL_AT
-    assert all(0.0 <= h["recall@50"] <= 1.0 for h in history)
+    # resumed with the checkpoint's weights, not a fresh init: the first evaluation after the restart
+    # (epoch 9, two epochs past the epoch-7 checkpoint) is no worse than the one at the checkpoint,
+    # and the published model beats every untrained one on the same validation edges
+    r = {h["epoch"]: h["recall@50"] for h in history}
+    assert r[FAIL_AT] >= r[FAIL_AT - 2] - 0.02, r
+    baseline = untrained_recall50(d, slices[0], dim=8)
+    assert v.metrics["recall@50"] > baseline + 0.1, (v.metrics["recall@50"], baseline)
     # one checkpoint per checkpoint epoch: a restart from scratch would have written epochs 3 and 7 twice
     runs = [r for r in root.list("train-runs") if r.startswith("v0-")]
     assert len(runs) == 1

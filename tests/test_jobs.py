@@ -40,6 +40,7 @@ def run(cmd: list[str], *, env: dict | None = None, timeout: int = 300, cwd: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # `raybc demo` starts a local Ray in its own process
 def test_demo_command_builds_backfills_and_verifies(tmp_path):
     root = tmp_path / "demo"
     p = run([f"{VENV_BIN}/raybc", "demo", "--root", str(root), "--rows", "5000"])

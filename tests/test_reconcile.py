@@ -90,8 +90,10 @@ def publish_next(reg: Registry, *, dim: int, rows: int, entities: list[str], see
     return k
 
 
-def snapshot_tree(root: Storage) -> dict[str, int]:
-    return {rel: root.size(rel) for rel in root.walk_files("snapshots")}
+def snapshot_tree(root: Storage) -> dict[str, str]:
+    """Every file under snapshots/ with the sha256 of its bytes: a rewrite to other bytes of the same
+    length (a CURRENT pointer with a new timestamp, parts in another order) changes it."""
+    return {rel: hashlib.sha256(root.read_bytes(rel)).hexdigest() for rel in root.walk_files("snapshots")}
 
 
 def digest(table) -> str:

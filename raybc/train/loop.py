@@ -224,7 +224,8 @@ def train_loop(config: dict[str, Any]) -> None:
             loss.backward()
             optim.step()
             total += float(loss.detach())
-        metrics: dict[str, Any] = {"epoch": epoch, "loss": total / steps, "epoch_s": time.perf_counter() - t0}
+        # world_size: recorded so a fit's history shows how many workers really trained it
+        metrics: dict[str, Any] = {"epoch": epoch, "loss": total / steps, "epoch_s": time.perf_counter() - t0, "world_size": world}
         last = epoch == epochs - 1
         if (epoch + 1) % eval_every == 0 or last:
             metrics.update(evaluate_state(joint, graph, payload, z_prev, frozen))

@@ -109,13 +109,14 @@ def test_a_transient_fault_that_passes_returns_the_result():
 
 @pytest.fixture
 def proxy(s3_server):
-    with FaultProxy(s3_server, stall_s=1.5) as p:
+    with FaultProxy(s3_server, stall_s=3.0) as p:
         yield p
 
 
 def via(proxy: FaultProxy, bucket: str, **opts) -> Storage:
     """A Storage reaching the bucket through the proxy, with short timeouts so stalls are quick."""
-    base = dict(endpoint_url=proxy.url, connect_timeout_s=1.0, read_timeout_s=0.5, backoff_s=0.02)
+    # read timeout well above a busy machine's moto answer, well below the stall
+    base = dict(endpoint_url=proxy.url, connect_timeout_s=1.0, read_timeout_s=1.5, backoff_s=0.02)
     return Storage(f"s3://{bucket}/root", StorageOptions(**{**base, **opts}))
 
 

@@ -313,3 +313,51 @@ def test_quiet_and_log_level(tmp_path):
     bad = raybc("--log-level", "chatty", "versions", "--root", roots[0].uri())
     assert bad.returncode == cli.EXIT_CONFIG and "--log-level: expected one of debug, info, warning, error" in bad.stderr
     assert raybc("--log-level=warning", "versions", "--root", roots[0].uri()).returncode == 0
+
+
+def test_top_level_usage_version_and_unknown_command(capsys):
+    from raybc import __version__
+
+    code, out, _ = _run([], capsys)
+    assert code == cli.EXIT_CONFIG and "usage: raybc" in out and "backfill" in out and "--quiet" in out
+    code, out, _ = _run(["--help"], capsys)
+    assert code == cli.EXIT_OK and "commands:" in out
+    code, out, _ = _run(["--version"], capsys)
+    assert code == cli.EXIT_OK and out.strip() == f"raybc {__version__}"
+    code, _, err = _run(["bakfill", "--root", "x"], capsys)
+    assert code == cli.EXIT_CONFIG and "unknown command 'bakfill'" in err and "raybc --help" in err
+
+
+def test_versions_and_snapshots_json_describe_the_root(backfilled, capsys):
+    import json
+
+    root, _, _ = backfilled
+    code, out, _ = _run(["versions", "--root", root.uri(), "--json"], capsys)
+    versions = json.loads(out)
+    assert code == cli.EXIT_OK and [v["version"] for v in versions] == [0, 1, 2]
+    assert [v["dim"] for v in versions] == [4, 6, 8] and versions[2]["entities"] == {"users": ROWS} and versions[0]["parent"] is None
+    code, out, _ = _run(["versions", "--root", root.uri()], capsys)
+    assert code == cli.EXIT_OK and out.splitlines()[2].startswith("v2  dim     8")
+    code, out, _ = _run(["snapshots", "--root", root.uri(), "--json"], capsys)
+    status = json.loads(out)
+    assert [(s["as_version"], s["source_version"], s["rows"]) for s in status["snapshots"]] == [(0, 2, ROWS), (1, 2, ROWS)]
+    assert status["missing"] == [] and not any(s["stale"] for s in status["snapshots"])
+
+
+def test_discard_removes_an_interrupted_publish_and_refuses_a_published_version(backfilled, capsys):
+    import json
+
+    root, _, _ = backfilled
+    root.write_atomic("registry/v3/aligner.safetensors", b"half-written")  # an interrupted publish of v3
+    code, out, _ = _run(["discard", "--root", root.uri(), "--version", "3", "--json"], capsys)
+    assert code == cli.EXIT_OK and json.loads(out)["removed"] == [root.uri("registry/v3/aligner.safetensors")]
+    assert not root.exists("registry/v3/aligner.safetensors")
+    code, _, err = _run(["discard", "--root", root.uri(), "--version", "2"], capsys)
+    assert code == cli.EXIT_FAILED and "v2 is published; published versions are immutable" in err
+    assert root.exists("registry/v2/manifest.json")
+
+
+def test_register_refuses_a_malformed_embeddings_flag(tmp_path, capsys):
+    code, _, err = _run(["register", "--root", str(tmp_path / "r"), "--version", "0", "--embeddings", "users:/data/z0"], capsys)
+    assert code == cli.EXIT_CONFIG and "expected ENTITY=URI" in err and "'users:/data/z0'" in err
+    assert not (tmp_path / "r").exists()

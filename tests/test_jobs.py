@@ -95,7 +95,7 @@ def ray_head(tmp_path):
         time.sleep(2)
     else:
         pytest.fail("ray head did not come up: " + (tmp_path / "ray-head.log").read_text()[-2000:])
-    yield address, token
+    yield address, token, temp_dir
     # Stop only this cluster: everything started with our temp dir (never `ray stop`, which would
     # also kill the test session's own local cluster).
     os.killpg(proc.pid, signal.SIGTERM)
@@ -125,7 +125,8 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
     from raybc.snapshots import Snapshots, verify_snapshot
     from raybc.storage import Storage
 
-    address, token = ray_head
+    address, token, temp_dir = ray_head
+    outputs: list[str] = []
     root = Storage(str(tmp_path / "root"))
     build_registry(root, dims=[8, 12, 16], rows=4_000, entities=["items"], rows_per_file=1_000)
     base = [f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--"]
@@ -174,6 +175,14 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
     rel = submit(base[:-3] + ["--working-dir", str(clone), "--", "python", "jobs/backfill.py", "--root", "./demo-root"], token)
     assert rel.returncode != 0 and "is a relative path, and this runs as a `ray job submit` job" in rel.stdout + rel.stderr
     assert '--root "$PWD/demo-root"' in rel.stdout + rel.stderr
+
+    # the token never shows: not in what any submit printed, nor in any log file of the cluster
+    outputs += [p.stdout + p.stderr for p in (refused, ok, trained, flow, rel)]
+    assert not [o for o in outputs if token in o]
+    logs = [f for f in Path(temp_dir).rglob("*") if f.is_file() and f.suffix in (".log", ".out", ".err", ".txt", ".json")]
+    assert logs, f"no log files found under {temp_dir}"
+    leaked = [str(f) for f in logs if token.encode() in f.read_bytes()]
+    assert not leaked, leaked
 
     # a failing job makes the CLI exit non-zero
     bad = submit(base + ["python", "jobs/backfill.py", "--root", root.uri(), "--from-version", "9"], token)

@@ -264,8 +264,6 @@ def _describe_run(root: Storage, target: int, entity: str, source: int, run_id: 
 
 def scan_embeddings(root: Storage) -> list[StoredEmbeddings]:
     """Every published version's stored z_j per entity (O(versions x entities) listings)."""
-    from raybc.registry import Registry
-
     reg = Registry(root)
     versions = reg.versions()
     out = []
@@ -344,31 +342,34 @@ def apply_retention(
             storage.remove(d.run.path, recursive=True)
         result.removed.append(d.run.path)
     if options.embeddings:
-        _remove_embeddings(storage, result, now=now, options=options, dry_run=dry_run)
+        _remove_embeddings(storage, result, currents, now=now, options=options, dry_run=dry_run)
     echo(result.table())
     return result
 
 
-def _current_sources(snaps: Snapshots) -> dict[str, list[tuple[int, int]]]:
-    out: dict[str, list[tuple[int, int]]] = {}
-    for target, entity, p in snaps.list():
-        out.setdefault(entity, []).append((target, p.source_version))
-    return out
-
-
-def _remove_embeddings(storage: Storage, result: RetentionResult, *, now: float, options: RetentionOptions, dry_run: bool) -> None:
-    from raybc.registry import Registry
-
-    snaps = Snapshots(storage)
-    result.embeddings = plan_embeddings(scan_embeddings(storage), _current_sources(snaps), now=now, options=options)
-    reg = Registry(storage)
+def _remove_embeddings(
+    storage: Storage,
+    result: RetentionResult,
+    currents: Mapping[tuple[int, str], CurrentInfo | None],
+    *,
+    now: float,
+    options: RetentionOptions,
+    dry_run: bool,
+) -> None:
+    """Plan and remove old z_j; ``currents`` is the scan's CURRENT of every snapshot."""
+    sources: dict[str, list[tuple[int, int]]] = {}
+    for (target, entity), cur in currents.items():
+        if cur is not None:
+            sources.setdefault(entity, []).append((target, cur.source))
+    result.embeddings = plan_embeddings(scan_embeddings(storage), sources, now=now, options=options)
+    snaps, reg = Snapshots(storage), Registry(storage)
     for d in result.embeddings:
         if not d.remove:
             continue
         it = d.item
         if not dry_run:
-            # A CURRENT may have been committed from it since the scan: check again, just before.
-            if not it.removed and any(src == it.version for _, src in _current_sources(snaps).get(it.entity, ())):
+            # A CURRENT may have been committed from it since the scan: look again, just before.
+            if not it.removed and any(e == it.entity and p.source_version == it.version for _, e, p in snaps.list()):
                 continue
             reg.mark_embeddings_removed(it.version, it.entity)  # readers refuse it from here on
             reg.stored_embeddings(it.version, it.entity).remove("", recursive=True)

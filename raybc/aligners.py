@@ -44,6 +44,8 @@ KINDS = ("linear", "affine", "orthogonal", "residual_mlp")
 # (float64 normal equations lose about twice the digits of the data; 1e-10 leaves a margin over
 # float32 inputs' ~1e-7 relative precision squared).
 RANK_TOL = 1e-10
+# residual_mlp's hidden layer when sized to the data: at most the first, at least the second.
+MAX_HIDDEN, MIN_HIDDEN = 256, 8
 
 
 class AlignerFitOptions(Options):
@@ -84,12 +86,16 @@ class AlignerFitOptions(Options):
         if self.kind != "residual_mlp" or self.hidden is not None:
             return self
         budget = train_pairs * d_out // 4 - d_out * d_in - d_out
-        return self.model_copy(update={"hidden": int(min(256, max(8, budget // (d_in + 1 + d_out))))})
+        return self.model_copy(update={"hidden": int(min(MAX_HIDDEN, max(MIN_HIDDEN, budget // (d_in + 1 + d_out))))})
+
+    def steps_per_epoch(self, train_pairs: int) -> int:
+        """Optimiser steps of one pass over each worker's share of ``train_pairs``."""
+        per_worker = -(-train_pairs // max(1, self.num_workers))
+        return max(1, -(-per_worker // self.batch_size))
 
     def epochs_for(self, train_pairs: int) -> int:
         """``epochs``, raised so that at least ``min_steps`` optimiser steps are taken."""
-        per_epoch = max(1, -(-train_pairs // self.batch_size))
-        return max(self.epochs, -(-self.min_steps // per_epoch))
+        return max(self.epochs, -(-self.min_steps // self.steps_per_epoch(train_pairs)))
 
 
 @dataclass
@@ -178,8 +184,9 @@ def judge(scans: Sequence[EntityScan], transform: Transform, chain: FanOutPlan |
                 acc = sums.setdefault(name, [0.0, 0.0])
                 acc[0] += e
                 acc[1] += r["ref"][j]
-        out[s.entity] = {j: (e / ref if ref > 0 else float("nan")) for j, (e, ref) in sums.items()}
-        if not sums:  # no pair of this entity in ``part`` (a tiny entity's sample): nothing measured
+        if sums:
+            out[s.entity] = {j: (e / ref if ref > 0 else float("nan")) for j, (e, ref) in sums.items()}
+        else:  # no pair of this entity in ``part`` (a tiny entity's sample): nothing measured
             out[s.entity] = {f"v{j}": float("nan") for j in [parent, *(range(parent) if chain is not None else [])]}
         for j, (e, ref) in sums.items():
             t = totals.setdefault(j, [0.0, 0.0])
@@ -244,7 +251,7 @@ def fit_from_scans(
         fixes = ["Give more shared ids", "raise --fit-rows (or 'all')"]
         if options.kind in ("linear", "affine") and options.ridge == 0:
             fixes.append("add --ridge (well-posed for any number of pairs)")
-        if options.kind == "residual_mlp" and have >= d_out * d_in + d_out * 9 + 8 * (d_in + 1):
+        if options.kind == "residual_mlp" and have >= options.model_copy(update={"hidden": MIN_HIDDEN}).n_params(d_in, d_out):
             fixes.append("lower --hidden")  # only where a smaller hidden layer would fit
         fixes.append("or fit a simpler kind")
         raise InputDataError(
@@ -295,9 +302,9 @@ def residual_loop(config: dict[str, Any]) -> None:
 
     from raybc.alignment import BackwardAligner, multi_step_loss
     from raybc.runtime import tame_ray_logs
+    from raybc.train.loop import load_checkpoint, save_checkpoint
 
     tame_ray_logs()
-    from raybc.train.loop import load_checkpoint, save_checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -369,7 +376,7 @@ def train_residual(
     ).hexdigest()[:12]
     config = {
         "pairs": pairs, "d_in": d_in, "d_out": d_out, "hidden": options.hidden, "start": start.weight, "chain": chain,
-        "lr": options.lr, "epochs": options.epochs_for(-(-train_pairs // max(1, options.num_workers))),  # per worker
+        "lr": options.lr, "epochs": options.epochs_for(train_pairs),
         "batch_size": options.batch_size, "seed": options.seed,
     }  # fmt: skip
     root = registry.root
@@ -388,8 +395,7 @@ def train_residual(
 
         shutil.rmtree(result.checkpoint.path, ignore_errors=True)  # local mode keeps the worker's temp dir
     t = ResidualMLP(**{k: current[k].numpy() for k in ("proj", "w1", "b1", "w2", "b2")})
-    per_worker = -(-train_pairs // max(1, options.num_workers))
-    steps = (int(meta["epoch"]) + 1) * max(1, -(-per_worker // options.batch_size))
+    steps = (int(meta["epoch"]) + 1) * options.steps_per_epoch(train_pairs)
     return t, {"run": run.name, "epochs": int(meta["epoch"]) + 1, "steps": steps, "hidden": options.hidden, "final_loss": float(meta["loss"])}
 
 

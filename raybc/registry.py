@@ -371,7 +371,10 @@ class Registry:
         registered in place (read with the root's storage options). RegistryError when retention
         removed it (only the newest version's embeddings are kept)."""
         check_segment(entity, what="entity name")
-        when = self.removed_embeddings(k).get(entity) if self.is_published(k) else None
+        v = self._versions.get(k)
+        if v is None and self.is_published(k):
+            v = self.get(k)
+        when = self.removed_embeddings(k).get(entity) if v is not None else None
         if when is not None:
             latest = self.latest()
             raise RegistryError(
@@ -379,13 +382,10 @@ class Registry:
                 f"(v{latest}). Read the as-v{k} snapshot (raybc.read_snapshot(root, {entity!r}, version={k})) or backfill "
                 f"from v{latest}"
             )
-        v = self._versions.get(k)
-        if v is None and self.is_published(k):
-            v = self.get(k)
         ef = v.embeddings.get(entity) if v is not None else None
         if ef is not None and ef.location is not None:
             return Storage(ef.location, self.root.options)
-        return self.root.child("embeddings", version_dir(k), entity)
+        return self.stored_embeddings(k, entity)
 
     # ------------------------------------------------------------------ writing
 

@@ -161,15 +161,20 @@ def _freeze(m: BackwardAligner) -> BackwardAligner:
     return m
 
 
+def _registry(registry: Registry | Storage | str) -> Registry:
+    """A Registry for a Registry, a Storage or a root URI."""
+    from raybc.registry import Registry
+
+    return registry if isinstance(registry, Registry) else Registry(registry)
+
+
 def frozen_aligners(registry: Registry | Storage | str, version: int) -> list[BackwardAligner]:
     """The frozen chain for training ``version`` = k: [B_{k-1}, ..., B_1] as non-trainable modules.
 
     Read with the registry's loader (sha256 and size checked against the manifest, safetensors
     only: nothing is unpickled). Empty for k <= 1. Needs v<k-1> published.
     """
-    from raybc.registry import Registry
-
-    reg = registry if isinstance(registry, Registry) else Registry(registry)
+    reg = _registry(registry)
     if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or version < 0:
         raise ConfigError([f"version: the version being trained must be an integer >= 0, got {version!r}"], source="frozen_aligners")
     if version > 0 and not reg.is_published(version - 1):
@@ -295,11 +300,9 @@ class BCLoss(nn.Module):
     @classmethod
     def for_version(cls, registry: Registry | Storage | str, version: int, new_dim: int, **kwargs: Any) -> BCLoss:
         """BCLoss for training ``version`` against a registry: old_dim and the frozen chain read from it."""
-        from raybc.registry import Registry
-
         if not isinstance(version, (int, np.integer)) or version < 1:
             raise ConfigError([f"version: v{version!r} has no older version to align with; train v0 without BCLoss"], source="BCLoss.for_version")
-        reg = registry if isinstance(registry, Registry) else Registry(registry)
+        reg = _registry(registry)
         frozen = frozen_aligners(reg, version) if kwargs.get("loss", "multi") == "multi" else []
         return cls(new_dim, reg.get(version - 1).dim, frozen=frozen, **kwargs)
 
@@ -353,9 +356,7 @@ def publish_version(
 
     from raybc.embeddings import make_table
     from raybc.intake import register_version
-    from raybc.registry import Registry
-
-    reg = registry if isinstance(registry, Registry) else Registry(registry)
+    reg = _registry(registry)
     if options is not None and options.in_place:
         raise ConfigError(["in_place: publish_version writes z_k to temporary files and removes them afterwards, so they "
                            "cannot be registered in place; drop in_place (the files are copied into the root)"], source="publish_version")  # fmt: skip

@@ -50,8 +50,8 @@ from raybc.embeddings import (
     id_at,
     inspect_schema,
     make_batch,
-    parquet_file,
     normalise_ids,
+    parquet_file,
     table_schema,
 )
 from raybc.errors import InputDataError, IntegrityError, RaybcError

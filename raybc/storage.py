@@ -85,6 +85,66 @@ MAX_BACKOFF_S = 20.0
 _S3FS_ATTEMPTS = 1
 
 
+class EndpointUnreachableError(StorageError):
+    """An S3 endpoint that refuses connections or never answers: nothing to retry."""
+
+
+# Endpoints that answered in this process (a check per process and endpoint, not per request).
+_ANSWERED: set[str] = set()
+
+
+def _unverified_tls() -> Any:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def probe_endpoint(url: str, *, timeout_s: float) -> None:
+    """Check that the HTTP(S) server at ``url`` answers a bare ``HEAD /`` within ``timeout_s``;
+    any HTTP status counts (S3 answers 403 without credentials). Raise
+    :class:`EndpointUnreachableError` saying what happened when it refuses the connection or
+    stays silent: botocore would wait ``read_timeout_s`` x ``retries`` x ``operation_attempts``
+    (about 15 minutes with the defaults) before failing. Endpoints behind an HTTP proxy from the environment
+    are left to the client (the proxy decides what is reachable)."""
+    import http.client
+    import ssl
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    if url in _ANSWERED:
+        return
+    u = urlsplit(url)
+    host, https = u.hostname or "", u.scheme == "https"
+    if urllib.request.getproxies().get(u.scheme) and not urllib.request.proxy_bypass(host):
+        return
+    fix = "check storage.endpoint_url (or $AWS_ENDPOINT_URL) and that the S3 server is running"
+    conn: http.client.HTTPConnection = (
+        # reachability only: no credentials are sent, and the S3 client verifies the certificate itself
+        http.client.HTTPSConnection(host, u.port, timeout=timeout_s, context=_unverified_tls())
+        if https
+        else http.client.HTTPConnection(host, u.port, timeout=timeout_s)
+    )
+    try:
+        conn.request("HEAD", "/")
+        conn.getresponse().read()
+    except ConnectionRefusedError:
+        raise EndpointUnreachableError(f"S3 endpoint {url} refused the connection (nothing listens there); {fix}") from None
+    except TimeoutError:
+        raise EndpointUnreachableError(
+            f"S3 endpoint {url} did not answer within {timeout_s:g} s (storage.probe_timeout_s): it accepts "
+            f"connections but sends nothing, or a firewall drops them; {fix}"
+        ) from None
+    except (http.client.HTTPException, ConnectionError, ssl.SSLError):
+        pass  # it answered, if not in plain HTTP: the S3 client says what it makes of that
+    except OSError as exc:  # unknown host, no route
+        raise EndpointUnreachableError(f"S3 endpoint {url} is unreachable ({exc}); {fix}") from None
+    finally:
+        conn.close()
+    _ANSWERED.add(url)
+
+
 class StorageOptions(Options):
     """How to reach the storage behind a root URI. Everything is optional for local folders.
 
@@ -110,6 +170,11 @@ class StorageOptions(Options):
     backoff_s: float = Field(default=0.5, gt=0, le=60, description="Wait before the first operation retry; doubles each time.")
     connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
     read_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    probe_timeout_s: float = Field(
+        default=10.0, ge=0, le=600,
+        description="How long an endpoint_url may take to answer a first bare HTTP request before it is reported "
+        "unreachable (once per process and endpoint; 0 skips the check).",
+    )  # fmt: skip
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Further fsspec storage options, passed as is (e.g. gcsfs project)."
     )
@@ -333,6 +398,8 @@ class Storage:
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
             try:
+                if self.protocol in ("s3", "s3a") and self.options.endpoint_url and self.options.probe_timeout_s:
+                    probe_endpoint(self.options.endpoint_url, timeout_s=self.options.probe_timeout_s)
                 self._fs = fsspec.filesystem(self.protocol, **self._storage_kwargs())
                 if self.protocol in ("s3", "s3a"):
                     self._fs.retries = _S3FS_ATTEMPTS

@@ -269,3 +269,39 @@ def test_backfill_fails_fast_when_access_is_denied(proxy, s3_server, s3_bucket, 
     # never retried: at most one refused upload start per part and target (3 parts x 2 targets)
     assert proxy.injected("forbidden") <= 6
     assert Snapshots(root).pointer(0, "items") is None
+
+
+# --------------------------------------------------------------------------- an endpoint that is not there
+
+
+@pytest.mark.s3
+def test_a_silent_or_refusing_endpoint_fails_at_once_naming_it(silent_port, closed_port, capsys, monkeypatch):
+    """Before: a silent endpoint took read_timeout x retries x attempts (936 s for `raybc versions`),
+    a refusing one 17-38 s of retries advising to raise them. Now the first request of a process is
+    a bare probe: a clear error within the probe's timeout, and nothing retried."""
+    from raybc import cli
+
+    silent_endpoint, refused = f"http://127.0.0.1:{silent_port}", f"http://127.0.0.1:{closed_port}"
+    for url, says, bound_s in ((silent_endpoint, "did not answer within 2 s", 6), (refused, "refused the connection", 3)):
+        s = Storage("s3://b/root", StorageOptions(endpoint_url=url, probe_timeout_s=2))
+        t0 = time.perf_counter()
+        with pytest.raises(StorageError, match=rf"S3 endpoint {url} {says}.*check storage.endpoint_url"):
+            s.read_bytes("registry/v0/manifest.json")
+        assert time.perf_counter() - t0 < bound_s
+    # the CLI, with the endpoint from the environment and the default probe timeout (10 s)
+    for url, says in ((silent_endpoint, "did not answer within 10 s"), (refused, "refused the connection")):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        t0 = time.perf_counter()
+        assert cli.main(["versions", "--root", "s3://b/root"]) == cli.EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"S3 endpoint {url} {says}" in err and "Traceback" not in err and "raise" not in err, err
+        assert time.perf_counter() - t0 < 15
+
+
+@pytest.mark.s3
+def test_an_answering_endpoint_is_probed_once_per_process(proxy, s3_bucket):
+    """Any HTTP answer passes the probe (moto answers HEAD / itself); later Storages of the same
+    endpoint in this process send no further probe."""
+    via(proxy, s3_bucket).write_atomic("x", b"1")
+    via(proxy, s3_bucket).write_atomic("y", b"2")
+    assert proxy.requests("HEAD", r"^/$") == 1, proxy.log

@@ -4,47 +4,13 @@ one where nothing listens, and the session's real Ray cluster."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from raybc.runtime import RayAddressError, probe_ray_address
-
-
-@pytest.fixture
-def silent_port():
-    """A loopback port that accepts connections and never sends a byte."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    held, stop = [], threading.Event()
-
-    def accept():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    for c in held:
-        c.close()
-    srv.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_silent_address_fails_within_the_bound(silent_port):
@@ -54,8 +20,8 @@ def test_a_silent_address_fails_within_the_bound(silent_port):
     assert time.monotonic() - t0 < 5
 
 
-def test_a_refused_address_says_nothing_listens():
-    port = _closed_port()
+def test_a_refused_address_says_nothing_listens(closed_port):
+    port = closed_port
     with pytest.raises(RayAddressError, match=rf"127.0.0.1:{port}: connection refused \(nothing listens there\)"):
         probe_ray_address(f"ray://127.0.0.1:{port}", timeout_s=1.0)
 

@@ -179,18 +179,26 @@ def test_subset_of_targets_and_entities_and_string_ids(tmp_path, ray_session):
 
 
 @pytest.mark.cluster
-def test_snapshot_is_readable_as_ray_dataset_and_plain_parquet(tmp_path, ray_session):
+def test_snapshot_is_readable_as_ray_dataset_and_plain_parquet(storage_root, ray_session):
+    """read_snapshot / read_snapshot_dataset given the root as a URI string (and, on S3, the
+    endpoint in StorageOptions): the committed rows, the same as the snapshot's own reader."""
     from raybc.snapshots import read_snapshot, read_snapshot_dataset
-    from raybc.storage import Storage
 
-    root = Storage(str(tmp_path / "root"))
+    root = storage_root
     build_registry(root, dims=DIMS[:3], rows=2_500, entities=["items"], rows_per_file=1_000)
     backfill(root, BackfillOptions(progress=False))
-    table = read_snapshot(root.uri(), "items", 0)
-    ds = read_snapshot_dataset(root.uri(), "items", 0)
+    uri, options = root.uri(), (root.options if not root.is_local else None)
+    assert isinstance(uri, str) and uri.startswith("s3://" if options else "/")
+    table = read_snapshot(uri, "items", 0, options=options)
+    ds = read_snapshot_dataset(uri, "items", 0, options=options)
     assert ds.count() == table.num_rows == 2_500
+    ids, mat = read_matrix(table)
+    ref_ids, ref = read_matrix(Snapshots(root).read_table(0, "items"))
+    assert np.array_equal(ids, ref_ids) and np.array_equal(mat, ref) and len(np.unique(ids)) == 2_500
+    assert verify_snapshot(Registry(root), 0, "items").ok
     snap = Snapshots(root).get(0, "items")
-    plain = pq.read_table(root.path(snap.files[0]))  # any Parquet reader, no raybc
+    with root.open_input(snap.files[0]) as f:
+        plain = pq.read_table(f)  # any Parquet reader, no raybc
     assert plain.schema.field("embedding").type.list_size == DIMS[0]
     assert Registry(root).get(2).embeddings["items"].rows == 2_500
 

@@ -361,3 +361,44 @@ def test_register_refuses_a_malformed_embeddings_flag(tmp_path, capsys):
     code, _, err = _run(["register", "--root", str(tmp_path / "r"), "--version", "0", "--embeddings", "users:/data/z0"], capsys)
     assert code == cli.EXIT_CONFIG and "expected ENTITY=URI" in err and "'users:/data/z0'" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.cluster
+def test_backfill_summary_json_file_compression_and_output_dtype_give_readable_correct_snapshots(tmp_path, ray_session):
+    """--summary-json FILE holds what the run did; --compression zstd / lz4 and --output-dtype
+    float16 reach the files (codec, value type), the manifest, and a plain Parquet reader; each
+    snapshot verifies against the float64 transform."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from raybc.data.synthetic import build_registry
+    from raybc.registry import Registry
+    from raybc.snapshots import Snapshots, read_snapshot, verify_snapshot
+
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[4, 6, 8], rows=ROWS, entities=["users"], rows_per_file=ROWS, row_group_rows=GROUP, seed=3)
+    runs = set()
+    for compression, dtype, codec, value in [("zstd", "float32", "ZSTD", "float"), ("lz4", "float16", "LZ4", "halffloat")]:
+        out = tmp_path / f"{compression}.json"
+        code = cli.main(["--quiet", "backfill", "--root", root.uri(), "--rows-per-part", str(GROUP), "--compression", compression,
+                         "--output-dtype", dtype, "--summary-json", str(out)])  # fmt: skip
+        assert code == cli.EXIT_OK
+        s = json.loads(out.read_text())
+        assert (s["source_version"], s["targets"], s["entities"], sorted(s["committed"])) == (2, [0, 1], ["users"], ["as-v0/users", "as-v1/users"])
+        assert (s["input_rows"], s["rows_written"], s["parts_run"], s["parts_resumed"]) == (ROWS, 2 * ROWS, ROWS // GROUP, 0)
+        assert s["nothing_to_do"] is False and s["seconds"] > 0 and s["rows_per_s"] == pytest.approx(ROWS / s["seconds"])
+        snaps = Snapshots(root)
+        assert s["run_ids"]["users"] == snaps.pointer(0, "users").run_id not in runs
+        runs.add(s["run_ids"]["users"])
+        for j, dim in [(0, 4), (1, 6)]:
+            snap = snaps.get(j, "users")
+            assert (snap.manifest["compression"], snap.manifest["dtype"]) == (compression, dtype)
+            for rel in snap.files:  # any Parquet reader, no raybc
+                md = pq.read_metadata(root.path(rel))
+                assert {md.row_group(g).column(c).compression for g in range(md.num_row_groups) for c in range(2)} <= {codec, codec + "_RAW"}
+                plain = pq.read_table(root.path(rel))
+                assert plain.schema.field("embedding").type.list_size == dim and str(plain.schema.field("embedding").type.value_type) == value
+            assert read_snapshot(root.uri(), "users", j).num_rows == ROWS
+            v = verify_snapshot(Registry(root), j, "users")
+            assert v.ids_match and v.rows == ROWS and v.max_rel_error < (1e-5 if dtype == "float32" else 1e-3), v

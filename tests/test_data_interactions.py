@@ -97,3 +97,47 @@ def test_synthetic_handles_degenerate_sizes():
     assert data.n_attributes == 0 and data.item_attr_indices.size == 0 and data.n_edges <= 3
     with pytest.raises(ValueError, match="n_users must be >= 1"):
         synthetic_interactions(n_users=0, n_items=2, n_edges=3)
+
+
+def test_load_dataset_turns_each_string_form_into_its_data_and_refuses_the_rest(tmp_path, monkeypatch):
+    """The names jobs accept (``--dataset``): movielens-100k (from the cache folder),
+    amazon:REVIEWS[,META], synthetic[:USERS,ITEMS,EDGES]; anything else a ConfigError saying
+    what is expected."""
+    from test_data_amazon import META, REVIEWS, write_lines
+    from test_data_movielens import GROUPLENS_DATA, GROUPLENS_ITEM, check_tiny
+
+    from raybc.data import load_dataset
+    from raybc.data.amazon import load_amazon
+    from raybc.data.movielens import CACHE_ENV
+    from raybc.errors import ConfigError
+
+    ml = tmp_path / "cache" / "ml-100k"  # a cached copy: nothing is downloaded
+    ml.mkdir(parents=True)
+    (ml / "u.data").write_text(GROUPLENS_DATA)
+    (ml / "u.item").write_bytes(GROUPLENS_ITEM.encode("latin-1"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    check_tiny(load_dataset("movielens-100k"))
+
+    write_lines(tmp_path / "r.json.gz", REVIEWS)
+    write_lines(tmp_path / "m.json.gz", META)
+    both = load_dataset(f"amazon:{tmp_path / 'r.json.gz'},{tmp_path / 'm.json.gz'}")
+    ref = load_amazon(tmp_path / "r.json.gz", tmp_path / "m.json.gz")
+    assert both.item_ids.to_pylist() == ref.item_ids.to_pylist() == ["B001", "B002", "B003"]
+    assert both.attribute_names == ref.attribute_names and "brand=Fender" in both.attribute_names
+    alone = load_dataset(f"amazon:{tmp_path / 'r.json.gz'}")
+    assert alone.n_edges == 4 and alone.n_attributes == 0
+
+    small = load_dataset("synthetic:50,40,300", seed=1)  # users, items, edges asked (duplicate edges merge)
+    ref = synthetic_interactions(n_users=50, n_items=40, n_edges=300, seed=1)
+    assert (small.n_users, small.n_items) == (50, 40) and 0 < small.n_edges <= 300
+    assert np.array_equal(small.user, ref.user) and np.array_equal(small.item, ref.item)
+    assert not np.array_equal(small.item, load_dataset("synthetic:50,40,300", seed=2).item)
+    default, ref = load_dataset("synthetic"), synthetic_interactions(n_users=1000, n_items=600, n_edges=20_000, seed=0)
+    assert (default.n_users, default.n_items) == (1000, 600) and np.array_equal(default.item, ref.item)
+
+    for bad in ["synthetic:1,2", "synthetic:a,b,c", "synthetic:0,5,5", "synthetic:1,2,3,4"]:
+        with pytest.raises(ConfigError, match=r"expected synthetic:USERS,ITEMS,EDGES with positive integers"):
+            load_dataset(bad)
+    for bad in ["movielens-1m", "amazon", "movielens-100k:extra", ""]:
+        with pytest.raises(ConfigError, match=r"unknown data set .*; expected movielens-100k \| amazon:"):
+            load_dataset(bad)

@@ -10,12 +10,13 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from raybc.backfill import BackfillOptions
+from raybc.backfill import BackfillOptions, backfill
 from raybc.config import ReconcileJobConfig
 from raybc.data.synthetic import build_registry, embedding_tables, random_aligner
 from raybc.embeddings import read_matrix
@@ -240,3 +241,57 @@ def test_reconcile_job_exit_codes_and_one_line_summaries(tmp_path, ray_session):
 
     bad = job(["--root", str(root), "--entity", "nope"])
     assert bad.returncode == 2 and "reconcile.entities: v2 has no embeddings for 'nope'" in bad.stderr
+
+
+# --------------------------------------------------------------------------- losing the lease
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("during", ["items", "users"], ids=["first-of-two-backfills", "last-backfill"])
+def test_a_reconcile_that_loses_its_lease_stops_at_its_next_check_and_leaves_the_new_holder_alone(tmp_path, ray_session, during):
+    """Another runner takes the lease over while a backfill of this reconcile is under way (to
+    its clock the lease expired: this holder froze past its expiry). The backfill under way
+    finishes -- the lease fences no storage write (raybc/lease.py), and what it commits is the run
+    the new holder would build -- but nothing after it starts: no further backfill, no retention.
+    The new holder's lease file is left as it wrote it."""
+    from raybc.lease import LeaseLostError
+    from raybc.reconcile import read_plan
+    from raybc.retention import RetentionOptions
+    from raybc.snapshots import snapshot_dir
+
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=DIMS, rows=ROWS, entities=["items", "users"], rows_per_file=1_000, seed=6)
+    backfill(root, BackfillOptions(to_versions=[0], entities=["users"], rows_per_part=500, progress=False), echo=lambda _: None)
+    assert read_plan(root).backfill_groups() == [([0, 1], ["items"]), ([1], ["users"])]  # two backfills, in this order
+    leftover = f"{snapshot_dir(0, 'items')}/from-v1/run-crashed/part-0.parquet"
+    root.write_atomic(leftover, b"partial")  # what retention removes at retention_s=0
+    retention = RetentionOptions(retention_s=0, grace_s=0)
+    taker = Lease(root, LEASE_NAME, ttl_s=600, owner="next-run", heartbeat=False, clock=lambda: time.time() + 120)
+    taken = []
+
+    def echo(line: str) -> None:
+        if line.startswith(f"[raybc] {during}:") and not taken:  # that backfill is planned, about to write
+            taken.append(taker.acquire())
+
+    opts = ReconcileOptions(lease_ttl_s=60, backfill=BackfillOptions(rows_per_part=500, progress=False))
+    with pytest.raises(LeaseLostError, match=r"taken over \(generation 2\)"):
+        reconcile(root, opts, retention=retention, echo=echo)
+    assert taken, "the take-over happened during the run"
+    snaps = Snapshots(root)
+    in_flight = ["as-v0/items", "as-v1/items"] if during == "items" else ["as-v1/users"]
+    for key in ["as-v0/items", "as-v1/items", "as-v1/users"]:
+        j, e = int(key[4]), key.split("/")[1]
+        if key in in_flight or during == "users":  # the backfill under way, and those before it, committed
+            assert snaps.pointer(j, e) is not None and snaps.pointer(j, e).source_version == 2, key
+        else:
+            assert snaps.pointer(j, e) is None, f"{key}: a backfill started after the lease was lost"
+    assert root.exists(leftover), "retention ran after the lease was lost"
+    cur = Lease(root, LEASE_NAME, ttl_s=1).current()
+    assert (cur.generation, cur.owner, cur.released, cur.expires_at) == (2, "next-run", False, taken[0].expires_at)
+
+    taker.release()  # the new holder is done: a reconcile now finishes what was left, and only that
+    final = reconcile(root, opts, retention=retention, echo=lambda _: None)
+    assert final.built == ([] if during == "users" else ["as-v1/users"])
+    assert not root.exists(leftover)
+    for j, e in [(0, "items"), (1, "items"), (0, "users"), (1, "users")]:
+        assert verify_snapshot(Registry(root), j, e).ok

@@ -222,3 +222,42 @@ def test_snapshots_listing_says_source_age_dtype_staleness_files_and_what_is_mis
     backfill(root, BackfillOptions(progress=False), echo=lambda _: None)
     status = json.loads((main(["snapshots", "--root", root.uri(), "--json"]), capsys.readouterr().out)[1])
     assert status["missing"] == [] and not any(s["stale"] for s in status["snapshots"]) and len(status["snapshots"]) == 3
+
+
+@pytest.mark.cluster
+def test_retention_refuses_while_a_reconcile_holds_the_lease_so_the_run_it_resumes_survives(tmp_path, ray_session, capsys):
+    """A reconcile resumes an uncommitted run (what a driver killed before its commit leaves: every
+    part written, no manifest, no CURRENT) -- exactly what retention at retention_s=0 removes. A
+    ``raybc retention`` started while the reconcile holds the lease (it has planned to commit those
+    parts) must refuse (exit 3) and remove nothing; the reconcile then commits the run it resumed."""
+    from raybc import cli
+    from raybc.backfill import backfill
+    from raybc.registry import Registry
+    from raybc.snapshots import MANIFEST, run_dir
+
+    root = Storage(str(tmp_path / "root"))
+    build_registry(root, dims=[4, 6, 8], rows=2_000, entities=["items"], rows_per_file=1_000, row_group_rows=500, seed=7)
+    bopts = BackfillOptions(rows_per_part=500, progress=False)
+    run_id = backfill(root, bopts, echo=lambda _: None).run_ids["items"]
+    for j in (0, 1):  # back to the state of a crash before the commit
+        root.remove(f"{run_dir(j, 'items', 2, run_id)}/{MANIFEST}")
+        root.remove(f"{snapshot_dir(j, 'items')}/CURRENT")
+    parts = {j: sorted(root.list(run_dir(j, "items", 2, run_id))) for j in (0, 1)}
+    assert [len(v) for v in parts.values()] == [4, 4]
+    codes = []
+
+    def echo(line: str) -> None:
+        if "4 done in an earlier attempt" in line:  # planned under the lease: these parts will be committed
+            codes.append(cli.main(["retention", "--root", root.uri(), "--retention-s", "0", "--grace-s", "0"]))
+            assert {j: sorted(root.list(run_dir(j, "items", 2, run_id))) for j in (0, 1)} == parts
+
+    result = reconcile(root, ReconcileOptions(backfill=bopts), echo=echo)
+    assert codes == [3], capsys.readouterr().out
+    assert "raybc retention: busy" in capsys.readouterr().out
+    assert result.status == "done" and sorted(result.built) == ["as-v0/items", "as-v1/items"]
+    assert result.backfills[0].parts_run == 0 and result.backfills[0].parts_resumed == 4
+    for j in (0, 1):
+        assert Snapshots(root).pointer(j, "items").run_id == run_id
+        assert verify_snapshot(Registry(root), j, "items").ok
+    assert cli.main(["retention", "--root", root.uri(), "--retention-s", "0", "--grace-s", "0"]) == 0  # lease free again
+    assert Snapshots(root).pointer(0, "items").run_id == run_id and root.list(run_dir(0, "items", 2, run_id))

@@ -131,3 +131,26 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# What `raybc --quiet` / `--log-level` leave in the process (cli.main is the console entry point:
+# it sets them for Ray's workers to inherit). A test calling cli.main in-process must not make
+# every later test quiet.
+_PROCESS_ENV = ("RAYBC_QUIET", "RAYBC_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS")
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train")
+
+
+@pytest.fixture(autouse=True)
+def _restore_cli_process_settings():
+    import logging
+
+    env = {k: os.environ.get(k) for k in _PROCESS_ENV}
+    levels = {n: logging.getLogger(n).level for n in _RAY_LOGGERS}
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)

@@ -4,7 +4,8 @@ One pass over the input serves every target: each Parquet part of ``embeddings/v
 read once, each batch is validated (dimension, NaN/Inf, null ids, duplicate ids) and multiplied
 by the stacked fused matrices of all targets (:class:`~raybc.transforms.FanOutPlan`), and one part
 file per target is streamed out. Ray Data schedules the parts as write tasks of a small
-:class:`~ray.data.Datasink`; its ``on_write_complete`` hook commits every snapshot through
+:class:`~ray.data.Datasink`, its executor running in one task of its own (:func:`run_pipeline`)
+so that the driver only plans from footers, waits, and then commits every snapshot through
 :class:`~raybc.snapshots.Snapshots` (files checked, manifest, then CURRENT).
 
 Exactly once, and resumable: a run's identity (``run_id``) is a digest of the source version,
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +41,7 @@ import ray.data
 from pydantic import Field, field_validator
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raybc.embeddings import (
     EMBEDDING,
@@ -57,7 +61,7 @@ from raybc.embeddings import (
 from raybc.errors import InputDataError, IntegrityError, RaybcError
 from raybc.options import Options
 from raybc.registry import FileEntry, Registry, version_dir
-from raybc.runtime import ensure_ray, quiet
+from raybc.runtime import ensure_ray, log_level, quiet, tame_ray_logs
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
 from raybc.transforms import FanOutPlan, Scratch
@@ -577,15 +581,16 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 class BackfillSink(Datasink):
-    """A Datasink whose input rows name parts: ``write`` runs them, ``on_write_complete`` commits.
+    """A Datasink whose input rows name parts: ``write`` runs them; ``on_write_complete`` hands
+    every task's results to ``on_complete`` where the pipeline runs (:func:`run_pipeline`).
 
-    The commit callback stays on the driver: it is dropped when the sink is shipped to workers.
+    The callback is never shipped to the write tasks: it is dropped when the sink is pickled.
     """
 
-    def __init__(self, ctxs: dict[str, PartContext], parts: dict[str, Part], on_complete: Callable[[list[dict]], None]):
+    def __init__(self, ctxs: dict[str, PartContext], parts: dict[str, Part]):
         self.ctxs = ctxs
         self.parts = parts
-        self.on_complete: Callable[[list[dict]], None] | None = on_complete
+        self.on_complete: Callable[[list[dict]], None] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "on_complete": None}
@@ -610,8 +615,45 @@ class BackfillSink(Datasink):
         return out
 
     def on_write_complete(self, write_result: Any) -> None:
-        assert self.on_complete is not None, "on_write_complete runs on the driver, where the callback lives"
+        assert self.on_complete is not None, "on_write_complete runs where the pipeline runs, which set the callback"
         self.on_complete([r for rs in write_result.write_returns for r in rs])
+
+
+def run_pipeline(
+    sink: BackfillSink, tasks: list[list[str]], options: BackfillOptions, *, level: str | None = None, bar: bool = False
+) -> list[dict[str, Any]]:
+    """Run the write tasks (each a list of part keys) through Ray Data; return every part's result.
+
+    Called inside :data:`_pipeline_task`, never on the driver: Ray Data's streaming executor polls
+    its operators for as long as the backfill runs (about 0.03-0.08 of a core here), so run on the
+    driver its CPU would grow with the rows. In a task, the driver only waits on one object ref.
+    ``level`` is the driver's log level for Ray (``--log-level``/``--quiet``); ``bar`` says the
+    driver can draw a progress bar (a terminal, tqdm installed), else progress goes out as log lines.
+    """
+    tame_ray_logs()
+    if level is not None:
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(level)
+    results: list[dict[str, Any]] = []
+    sink.on_complete = results.extend
+    ds = ray.data.from_arrow([pa.table({"part": keys}) for keys in tasks])
+    # Settings of this dataset only (the caller's DataContext stays as it was). The pipeline is
+    # one operator that reads and writes storage itself, so Ray Data's per-operator resource
+    # reservation only holds CPUs back: with it, a 2-CPU cluster ran the first three parts one
+    # at a time (docs/benchmarks.md).
+    ds.context.enable_progress_bars = options.progress
+    ds.context.use_ray_tqdm = bar  # drawn by the driver; else Ray Data logs progress, forwarded as lines
+    ds.context.op_resource_reservation_enabled = False
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": options.cpus_per_task}, concurrency=options.max_concurrency)
+    return results
+
+
+# The pipeline's own task takes no CPU slot (its write tasks take theirs) and runs on the driver's
+# node (soft), which a cluster keeps for as long as the job runs. A system failure of it (its
+# worker killed) runs it again: parts are idempotent, so the retry rewrites the same files. Its
+# worker exits afterwards (max_calls=1): the executor leaves threads behind, and a write task
+# later given that process could import torch beside them (seen: "SystemError: bad call flags").
+_pipeline_task = ray.remote(num_cpus=0, max_retries=3, max_calls=1)(run_pipeline)
 
 
 # --------------------------------------------------------------------------- driver
@@ -728,8 +770,7 @@ def backfill(
             )
             for j in active
         }
-        keys = {p.key: p for p in todo}
-        sink = BackfillSink(ctxs, keys, commit)
+        sink = BackfillSink(ctxs, {p.key: p for p in todo})
         ensure_ray(ray_address)
         for j in active:
             if j.id_check:
@@ -737,20 +778,23 @@ def backfill(
         crash_point("before_write")
         tasks = group_parts(todo, rows_per_task(summary.input_rows, options, ray.cluster_resources().get("CPU", 0)))
         summary.tasks = len(tasks)
-        ds = ray.data.from_arrow([pa.table({"part": [p.key for p in g]}) for g in tasks])
-        # Settings of this dataset only (the caller's DataContext stays as it was). The pipeline is
-        # one operator that reads and writes storage itself, so Ray Data's per-operator resource
-        # reservation only holds CPUs back: with it, a 2-CPU cluster ran the first three parts one
-        # at a time (docs/benchmarks.md).
-        ds.context.enable_progress_bars = options.progress
-        ds.context.op_resource_reservation_enabled = False
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        bar = options.progress and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
+        ref = _pipeline_task.options(scheduling_strategy=here).remote(
+            sink, [[p.key for p in g] for g in tasks], options, level=log_level(), bar=bar
+        )
         try:
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": options.cpus_per_task}, concurrency=options.max_concurrency)
+            results = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
             cause = _root_cause(exc)
             if cause is not exc:
                 raise cause.with_traceback(None) from None
             raise
+        except KeyboardInterrupt:  # Ctrl-C: stop the pipeline and its write tasks now, not at exit
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True, recursive=True)
+            raise
+        commit(results)
     else:
         commit([])
     summary.seconds = time.perf_counter() - t0

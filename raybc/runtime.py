@@ -20,9 +20,11 @@ from raybc.errors import RaybcError
 
 # Ray's lines that mislead a raybc user, by logger: the backfill's Ray Data pipeline carries part
 # keys, not rows ("2 rows and 68.0B data written" after 1.6M rows), and asks for CPUs while the
-# previous step's tasks release theirs (the "will hang" warning); Ray Train logs every report.
+# previous step's tasks release theirs (the "will hang" warning); with --quiet raybc turns the
+# progress bars off itself (Ray Data would warn how to turn them on); Ray Train logs every report.
 _MUTED = {
     "ray.data.dataset": ("does not have any available CPUs", "Data sink %s finished"),
+    "ray.data._internal.progress": ("Progress bars disabled",),
     "ray.train.v2._internal.execution.train_fn_utils": ("Reported metrics",),
 }
 

@@ -27,15 +27,15 @@ DIMS = [8, 12, 16]
 ROWS = 2_000
 ROWS_PER_PART = 250  # 8 parts: enough tasks for both single-CPU nodes to take some
 
-# Runs the real backfill on the cluster. The sink subclass only records, on the driver, the node
-# each write task ran on (defined in __main__, so Ray ships it to the workers by value).
+# Runs the real backfill on the cluster. The sink subclass only records the node each write task
+# ran on (defined in __main__, so Ray ships it to the workers by value); the pipeline's task, where
+# ``on_write_complete`` runs, leaves them in a file for the driver to print.
 DRIVER = """
 import json, sys
 import ray
 import raybc.backfill as bf
 
-root, address, rows_per_part = sys.argv[1], sys.argv[2], int(sys.argv[3])
-nodes = []
+root, address, rows_per_part, nodes_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 
 class NodeRecordingSink(bf.BackfillSink):
     def write(self, blocks, ctx):
@@ -43,13 +43,15 @@ class NodeRecordingSink(bf.BackfillSink):
         return [dict(r, node=node) for r in super().write(blocks, ctx)]
 
     def on_write_complete(self, write_result):
-        nodes.extend(r["node"] for rs in write_result.write_returns for r in rs)
+        with open(nodes_file, "w") as f:
+            json.dump([r["node"] for rs in write_result.write_returns for r in rs], f)
         super().on_write_complete(write_result)
 
 bf.BackfillSink = NodeRecordingSink
 ray.init(address=address, log_to_driver=False)
 summary = bf.backfill(root, bf.BackfillOptions(rows_per_part=rows_per_part, progress=False))
 alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+nodes = json.load(open(nodes_file))
 print("RESULT " + json.dumps({"committed": summary.committed, "task_nodes": nodes, "cluster_nodes": alive}))
 """
 
@@ -87,7 +89,7 @@ def test_backfill_across_two_nodes_equals_the_single_node_run(tmp_path, two_node
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     p = subprocess.run(
-        [sys.executable, "-c", DRIVER, multi.uri(), two_node_cluster.address, str(ROWS_PER_PART)],
+        [sys.executable, "-c", DRIVER, multi.uri(), two_node_cluster.address, str(ROWS_PER_PART), str(tmp_path / "nodes.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

@@ -128,3 +128,34 @@ def test_bench_runs_against_s3_and_scale_mode_cleans_up(tmp_path, s3_server, s3_
     assert [c["case"] for c in scale["cases"]] == ["ray v10->v9 (float16 output)"]
     assert scale["cases"][0]["output_gb_per_s"] > 0
     assert not root.exists("snapshots")  # --scale removes what it wrote
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_bench_register_runs_both_sizes_and_reports_the_least_of_its_repeats(tmp_path):
+    """jobs/bench_register.py at N and 4N rows, two repeats each: the planted map is recovered, the
+    driver's CPU is split into Ray's client threads and the rest, each time is the least of the
+    repeats, and the 4x ratios are computed from those."""
+    out = tmp_path / "r.json"
+    args = ["--rows", "5000", "--files", "2", "--dim", "16", "--out-dim", "8", "--fit-rows", "4000", "--cpus", "2",
+            "--repeats", "2", "--workdir", str(tmp_path / "w"), "--json", str(out)]  # fmt: skip
+    p = run([sys.executable, "jobs/bench_register.py", *args], timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "driver CPU at 4x the rows" in p.stdout and "less Ray's client threads" in p.stdout
+    r = json.loads(out.read_text())
+    assert [row["rows"] for row in r["results"]] == [5000, 20000]
+    for row in r["results"]:
+        assert row["recovery_vs_noise_floor"] < 1.5  # B fitted from pairs maps z_1 onto z_0 within the noise
+        assert len(row["repeats"]) == 2
+        for step in ("register_v0", "register_v1_fit", "backfill"):
+            m = row[step]
+            for k in ("seconds", "driver_cpu_s", "ray_client_cpu_s", "driver_own_cpu_s"):
+                assert m[k] == min(rep[step][k] for rep in row["repeats"]), (step, k)
+            for rep in row["repeats"]:
+                own = rep[step]
+                assert own["driver_own_cpu_s"] == pytest.approx(own["driver_cpu_s"] - own["ray_client_cpu_s"])
+                assert 0 < own["ray_client_cpu_s"] < own["driver_cpu_s"]  # a connected driver's Ray threads do run
+    small, big = r["results"]
+    for key in ("driver_cpu_s", "driver_own_cpu_s"):
+        got = r[f"{key}_ratio_4x_rows"]
+        assert got == {s: pytest.approx(big[s][key] / small[s][key]) for s in ("register_v1_fit", "backfill")}

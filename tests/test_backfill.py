@@ -19,6 +19,7 @@ from raybc.backfill import (
     backfill,
     group_parts,
     id_overlap_groups,
+    part_timing,
     plan_parts,
     rows_per_task,
     run_fingerprint,
@@ -66,6 +67,20 @@ def test_small_parts_share_write_tasks_in_order_and_slots_stay_busy():
     assert rows_per_task(total, BackfillOptions(rows_per_part=1_000, cpus_per_task=2), cluster_cpus=2) == 1_000
     assert rows_per_task(total, BackfillOptions(), cluster_cpus=0) == 1  # no CPUs known yet: a part per task
     assert all(len(g) == 1 for g in group_parts(parts, 1))
+
+
+def test_part_timing_orders_parts_by_start_and_weighs_tenths_by_rows():
+    """Parts as tasks return them (any order): percentiles of a part's rows/s; per tenth of the
+    parts by start time, rows/s as total rows over total seconds."""
+    results = [{"rows": 1000, "seconds": 1.0 if i < 10 else 4.0, "started": 100.0 + i} for i in range(20)]
+    t = part_timing(results[::-1])
+    assert t["parts"] == 20 and [x["parts"] for x in t["timeline"]] == [2] * 10
+    assert [x["rows_per_s"] for x in t["timeline"]] == [1000.0] * 5 + [250.0] * 5  # the run slowed halfway
+    assert [x["mean_part_seconds"] for x in t["timeline"]] == [1.0] * 5 + [4.0] * 5
+    assert t["part_rows_per_s"] == [250.0, pytest.approx(625.0), 1000.0]
+    uneven = part_timing([{"rows": 10, "seconds": 1.0, "started": 0}, {"rows": 30, "seconds": 1.0, "started": 1}], slices=1)
+    assert uneven["timeline"] == [{"parts": 2, "rows_per_s": 20.0, "mean_part_seconds": 1.0}]
+    assert part_timing([]) == {} and len(part_timing(results[:3])["timeline"]) == 3
 
 
 def test_id_overlap_groups():
@@ -116,6 +131,9 @@ def test_backfill_100k_rows_every_id_once_and_second_run_writes_nothing(storage_
     assert summary.input_rows == rows and summary.rows_written == 4 * rows
     assert summary.parts_run == 7  # files of 30k/30k/30k/10k rows in 20k-row parts: 2+2+2+1
     assert 1 <= summary.tasks <= summary.parts_run
+    timing = summary.part_timing  # every part's own timing came back from its task
+    assert timing["parts"] == 7 and sum(t["parts"] for t in timing["timeline"]) == 7
+    assert 0 < timing["part_rows_per_s"][0] <= timing["part_rows_per_s"][2] and "rows/s per part" in summary.table()
 
     snaps = Snapshots(storage_root)
     for j in range(4):

@@ -207,7 +207,8 @@ class SystemProfile:
     """What the machine did during one case, from /proc: CPU time by kind (all cores: user, nice
     -- Ray's workers run niced --, system, iowait, idle), the disks' bytes read and written, page
     reclaim (pages scanned by kswapd and by the processes themselves), time stalled on memory and
-    I/O (pressure stall information), and the peak of dirty + writeback pages (sampled)."""
+    I/O (pressure stall information), the peak of dirty + writeback pages and how much shared
+    memory (where Ray's object store lives) grew, both sampled."""
 
     def __init__(self, interval_s: float = 0.25):
         self.interval_s = interval_s
@@ -241,19 +242,21 @@ class SystemProfile:
         return c
 
     @staticmethod
-    def _dirty_bytes() -> int:
+    def _memory() -> tuple[int, int]:
+        """(dirty + writeback, shared memory: Ray's object stores live there) in bytes."""
         with open("/proc/meminfo") as f:
             m = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return m.get("Dirty", 0) + m.get("Writeback", 0)
+        return m.get("Dirty", 0) + m.get("Writeback", 0), m.get("Shmem", 0)
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._peak_dirty = max(self._peak_dirty, self._dirty_bytes())
+            self._peak = tuple(map(max, self._peak, self._memory()))
 
     def __enter__(self) -> SystemProfile:
         import threading
 
-        self._stop, self._peak_dirty = threading.Event(), self._dirty_bytes()
+        self._stop, self._peak = threading.Event(), self._memory()
+        self._shm0 = self._peak[1]
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._c0, self._t0 = self._counters(), time.perf_counter()
         self._thread.start()
@@ -271,7 +274,8 @@ class SystemProfile:
             "reclaim_scanned_gb": (d["scan_kswapd"] + d["scan_direct"]) * 4096 / 1e9,
             "direct_reclaim_scanned_gb": d["scan_direct"] * 4096 / 1e9,
             "memory_stall_pct": 100 * d["stall_memory_us"] / 1e6 / dt, "io_stall_pct": 100 * d["stall_io_us"] / 1e6 / dt,
-            "peak_dirty_gb": max(self._peak_dirty, self._dirty_bytes()) / 1e9,
+            "peak_dirty_gb": max(self._peak[0], self._memory()[0]) / 1e9,
+            "shared_memory_growth_gb": (max(self._peak[1], self._memory()[1]) - self._shm0) / 1e9,
         }  # fmt: skip
 
 
@@ -434,13 +438,14 @@ def main(argv: list[str]) -> int:
         cores = f"{r['cpu_cores_used']:5.2f}" if "cpu_cores_used" in r else f"{'-':>5}"
         print(f"{r['case']:<48} {r['seconds']:8.2f} {r['rows_per_s']:11,.0f} {r['input_gb_per_s']:8.3f} {out} {rss} {cores}")
     print(f"\n{'what the machine did (all cores)':<48} {'user%':>6} {'nice%':>6} {'sys%':>6} {'iowait%':>7} {'idle%':>6} "
-          f"{'disk r GB/s':>11} {'w GB/s':>7} {'reclaim GB':>10} {'mem stall%':>10} {'io stall%':>9} {'dirty GB':>8}")  # fmt: skip
+          f"{'disk r GB/s':>11} {'w GB/s':>7} {'reclaim GB':>10} {'mem stall%':>10} {'io stall%':>9} {'dirty GB':>8} {'+shm GB':>7}")  # fmt: skip
     for r in results.values():
         m = r.get("system")
         if m:
             print(f"{r['case']:<48} {m['user_pct']:6.1f} {m['nice_pct']:6.1f} {m['system_pct']:6.1f} {m['iowait_pct']:7.1f} "
                   f"{m['idle_pct']:6.1f} {m['disk_read_gb_per_s']:11.3f} {m['disk_write_gb_per_s']:7.3f} "
-                  f"{m['reclaim_scanned_gb']:10.2f} {m['memory_stall_pct']:10.1f} {m['io_stall_pct']:9.1f} {m['peak_dirty_gb']:8.2f}")  # fmt: skip
+                  f"{m['reclaim_scanned_gb']:10.2f} {m['memory_stall_pct']:10.1f} {m['io_stall_pct']:9.1f} {m['peak_dirty_gb']:8.2f} "
+                  f"{m['shared_memory_growth_gb']:7.2f}")  # fmt: skip
     for r in results.values():
         tl = (r.get("part_timing") or {}).get("timeline")
         if tl:

@@ -34,10 +34,11 @@ def restamp(root: Storage, version: int, entity: str) -> None:
 def wait_for_a_newer_mtime(path: str) -> None:
     """Return once a file written now in ``path``'s folder gets a newer mtime than ``path`` has.
 
-    A local stamp is an mtime, which the kernel takes from a coarse clock (one tick is 1-10 ms): a
-    same-size rewrite within the tick of the first write would keep its stamp. Rewrites that a
-    test means to be seen wait here first (no user rewrites a file within milliseconds of
-    publishing it). Waits on the filesystem's own clock, at most 10 s; asserts nothing on time."""
+    A local stamp is an mtime, which kernels without fine-grained timestamps (before Linux 6.13)
+    take from a coarse clock (one tick is 1-10 ms): a same-size rewrite within the tick of the first
+    write would keep its stamp. Rewrites that a test means to be seen wait here first (no user
+    rewrites a file within milliseconds of publishing it). Waits on the filesystem's own clock, at
+    most ~10 s; asserts nothing on time."""
     probe = os.path.join(os.path.dirname(path), f".clock-probe-{uuid.uuid4().hex[:8]}")
     try:
         for _ in range(2000):

@@ -77,7 +77,7 @@ class FileEntry:
     path: str  # relative to the entity folder
     rows: int
     bytes: int
-    stamp: str | None = None  # ETag or mtime when registered: a later change is refused
+    stamp: str | None = None  # ETag or mtime when published: a later change is refused (None: published before stamps)
 
 
 def listing(store: Storage) -> dict[str, dict[str, Any]]:
@@ -92,7 +92,7 @@ def with_stamps(store: Storage, entries: Iterable[FileEntry], infos: Mapping[str
     for f in entries:
         if f.stamp is None:
             if f.path not in infos:
-                raise InputDataError(f"{store.uri(f.path)} was written or listed but does not exist now")
+                raise InputDataError(f"{store.uri(f.path)} was written or listed but is gone: it was removed meanwhile; write the version's files again")
             f = FileEntry(f.path, f.rows, int(infos[f.path].get("size") or 0), file_stamp(infos[f.path]))
         out.append(f)
     return tuple(out)
@@ -448,7 +448,10 @@ class Registry:
     def scan_embeddings(self, k: int, entity: str, *, expected_dim: int | None = None) -> EntityFiles:
         """Describe the Parquet files already in embeddings/v<k>/<entity>/ from their footers."""
         store = self.embeddings_storage(k, entity)
-        names = [n for n in store.list() if n.endswith(".parquet")]
+        # listed (sizes, stamps) before the footers are read: a file rewritten meanwhile no longer
+        # matches its stamp when publish lists the folder again, and is refused there
+        infos = listing(store)
+        names = [n for n in infos if n.endswith(".parquet")]
         if not names:
             raise InputDataError(f"{store.uri()} holds no .parquet files")
 
@@ -470,8 +473,7 @@ class Registry:
             if id_type is not None and t != id_type:
                 raise InputDataError(f"{store.uri(entry.path)}: ids are {t} but other files of {entity} hold {id_type} ids")
             id_type = t
-        # stamped after the footers were read: a file rewritten meanwhile is refused at publish
-        return EntityFiles(entity=entity, dim=int(dim), id_type=id_type or "int64", files=with_stamps(store, (e for e, _ in described), listing(store)))
+        return EntityFiles(entity=entity, dim=int(dim), id_type=id_type or "int64", files=with_stamps(store, (e for e, _ in described), infos))
 
     def publish(
         self,

@@ -37,7 +37,7 @@ from raybc.embeddings import inspect_schema, parquet_file
 from raybc.errors import AlreadyExistsError, ConfigError, InputDataError, RegistryError
 from raybc.options import Options
 from raybc.pairs import EntityScan, SourceFiles, scan_entity
-from raybc.registry import EntityFiles, FileEntry, Registry, Version
+from raybc.registry import EntityFiles, FileEntry, Registry, Version, check_unchanged
 from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, file_stamp
 from raybc.transforms import Transform
 
@@ -185,7 +185,9 @@ def _parent_files(registry: Registry, k: int, entity: str) -> SourceFiles | None
     ef = v.embeddings.get(entity)
     if ef is None:
         return None
-    return SourceFiles(entity, registry.embeddings_storage(k - 1, entity), tuple(f.path for f in ef.files), tuple(f.rows for f in ef.files), ef.dim)
+    store = registry.embeddings_storage(k - 1, entity)
+    check_unchanged(store, ef.files, version=k - 1)  # B_k is judged against the z_{k-1} that was published
+    return SourceFiles(entity, store, tuple(f.path for f in ef.files), tuple(f.rows for f in ef.files), ef.dim)
 
 
 def register_version(

@@ -34,7 +34,7 @@ import pyarrow as pa
 from raybc import __version__
 from raybc.embeddings import ROW_GROUP_ROWS, inspect_schema, parquet_file, write_table
 from raybc.errors import AlreadyExistsError, InputDataError, IntegrityError, NoRegistryError, RegistryError, StorageError
-from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, json_bytes
+from raybc.storage import IO_THREADS, Storage, StorageOptions, check_segment, file_stamp, json_bytes
 from raybc.transforms import FanOutPlan, Transform, from_bytes, from_matrix, has_spec, to_bytes
 
 MANIFEST = "manifest.json"
@@ -77,7 +77,41 @@ class FileEntry:
     path: str  # relative to the entity folder
     rows: int
     bytes: int
-    stamp: str | None = None  # ETag or mtime when registered: a later change is refused
+    stamp: str | None = None  # ETag or mtime when published: a later change is refused (None: published before stamps)
+
+
+def listing(store: Storage) -> dict[str, dict[str, Any]]:
+    """The files directly in ``store``'s folder, by name: fsspec info dicts (size, ETag or mtime)."""
+    return {e["basename"]: e for e in store.list(detail=True)}
+
+
+def with_stamps(store: Storage, entries: Iterable[FileEntry], infos: Mapping[str, dict[str, Any]]) -> tuple[FileEntry, ...]:
+    """``entries``, each without a stamp given the size and stamp (ETag, else mtime) of its file in
+    ``infos`` (a :func:`listing`): what the backfill compares later to refuse a changed file."""
+    out = []
+    for f in entries:
+        if f.stamp is None:
+            if f.path not in infos:
+                raise InputDataError(f"{store.uri(f.path)} was written or listed but is gone: it was removed meanwhile; write the version's files again")
+            f = FileEntry(f.path, f.rows, int(infos[f.path].get("size") or 0), file_stamp(infos[f.path]))
+        out.append(f)
+    return tuple(out)
+
+
+def check_unchanged(store: Storage, files: Iterable[FileEntry], *, version: int, infos: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Refuse a published embedding file that is missing, or whose size or stamp differs from what
+    its manifest records (files published before stamps were recorded are not checked)."""
+    infos = infos if infos is not None else listing(store)
+    for f in files:
+        if f.path not in infos:
+            raise IntegrityError(f"{store.uri(f.path)} is listed in v{version}'s manifest but missing; restore it")
+        info = dict(infos[f.path])
+        if f.stamp is not None and (int(info.get("size") or -1) != f.bytes or file_stamp(info) != f.stamp):
+            raise IntegrityError(
+                f"{store.uri(f.path)} changed after v{version} was published (size {info.get('size')}, stamp "
+                f"{file_stamp(info)!r}; published: {f.bytes}, {f.stamp!r}): published embeddings are immutable. "
+                f"Restore the file, or publish the new embeddings as a new version (raybc register --version {version + 1} ...)"
+            )
 
 
 @dataclass(frozen=True)
@@ -405,15 +439,19 @@ class Registry:
             name = f"part-{i:05d}.parquet"
             with store.open_output(name) as f:
                 write_table(f, t, compression=compression, row_group_rows=row_group_rows)
-            entries.append(FileEntry(name, t.num_rows, store.size(name)))
+            entries.append(FileEntry(name, t.num_rows, 0))
         if dim is None:
             raise InputDataError(f"no embeddings given for {entity} of v{k}")
-        return EntityFiles(entity=entity, dim=dim, id_type=id_type or "int64", files=tuple(entries))
+        # size and stamp of each file as written: once published, a later change is refused
+        return EntityFiles(entity=entity, dim=dim, id_type=id_type or "int64", files=with_stamps(store, entries, listing(store)))
 
     def scan_embeddings(self, k: int, entity: str, *, expected_dim: int | None = None) -> EntityFiles:
         """Describe the Parquet files already in embeddings/v<k>/<entity>/ from their footers."""
         store = self.embeddings_storage(k, entity)
-        names = [n for n in store.list() if n.endswith(".parquet")]
+        # listed (sizes, stamps) before the footers are read: a file rewritten meanwhile no longer
+        # matches its stamp when publish lists the folder again, and is refused there
+        infos = listing(store)
+        names = [n for n in infos if n.endswith(".parquet")]
         if not names:
             raise InputDataError(f"{store.uri()} holds no .parquet files")
 
@@ -421,7 +459,7 @@ class Registry:
             with store.open_input(name) as f:
                 md = parquet_file(f, store.uri(name)).metadata
                 schema = md.schema.to_arrow_schema()
-            return FileEntry(name, md.num_rows, store.size(name)), schema
+            return FileEntry(name, md.num_rows, 0), schema
 
         with ThreadPoolExecutor(IO_THREADS) as pool:
             described = list(pool.map(describe, names))
@@ -435,7 +473,7 @@ class Registry:
             if id_type is not None and t != id_type:
                 raise InputDataError(f"{store.uri(entry.path)}: ids are {t} but other files of {entity} hold {id_type} ids")
             id_type = t
-        return EntityFiles(entity=entity, dim=int(dim), id_type=id_type or "int64", files=tuple(e for e, _ in described))
+        return EntityFiles(entity=entity, dim=int(dim), id_type=id_type or "int64", files=with_stamps(store, (e for e, _ in described), infos))
 
     def publish(
         self,
@@ -477,13 +515,23 @@ class Registry:
         if embeddings is None:
             names = self.root.list(f"embeddings/{version_dir(k)}")
             embeddings = {e: self.scan_embeddings(k, e, expected_dim=dim) for e in names}
+        embeddings = dict(embeddings)
         for e, ef in embeddings.items():
             if ef.dim != dim:
                 raise InputDataError(f"embeddings of {e} have dimension {ef.dim}, but v{k} has dimension {dim}")
             store = Storage(ef.location, self.root.options) if ef.location is not None else self.embeddings_storage(k, e)
+            infos = listing(store)
             for f in ef.files:
-                if not store.exists(f.path):
+                if f.path not in infos:
                     raise InputDataError(f"{store.uri(f.path)} is listed for v{k} but does not exist")
+                size, stamp = int(infos[f.path].get("size") or -1), file_stamp(infos[f.path])
+                if (f.stamp is not None and (size != f.bytes or stamp != f.stamp)) or (f.stamp is None and f.bytes and size != f.bytes):
+                    raise InputDataError(
+                        f"{store.uri(f.path)} changed while v{k} was being published (now {size} bytes, stamp {stamp!r}; "
+                        f"described with {f.bytes} bytes, stamp {f.stamp!r}); publish again once the file is final"
+                    )
+            # every published file carries its size and stamp: the backfill refuses it once changed
+            embeddings[e] = EntityFiles(ef.entity, ef.dim, ef.id_type, with_stamps(store, ef.files, infos), ef.location, ef.verified)
 
         files: dict[str, WeightFile] = {}
         blobs: list[tuple[str, str, bytes, dict[str, Any]]] = []

@@ -24,7 +24,7 @@ from raybc.backfill import (
     rows_per_task,
     run_fingerprint,
 )
-from raybc.data.synthetic import build_registry
+from raybc.data.synthetic import build_registry, random_aligner
 from raybc.embeddings import read_matrix
 from raybc.errors import InputDataError
 from raybc.registry import Registry
@@ -278,3 +278,49 @@ def test_half_conversion_has_numpy_bits_and_finite_check_survives_float32_overfl
     big[7, 3] = np.inf
     with pytest.raises(InputDataError, match=r"f: row 7 \(id 7\) holds Inf \(1 bad row in this batch\)"):
         check_finite(big, pa.array(np.arange(10)), source="f", row_offset=0)
+
+
+def test_a_published_embedding_file_rewritten_in_place_is_refused(storage_root, ray_session):
+    """Published embeddings are immutable: every file raybc publishes (here through
+    write_embeddings, as `raybc train` does) carries its size and stamp (ETag or mtime), and a later
+    rewrite of one in place, same size, same ids, other values, is refused by the backfill and by
+    a registration that joins with it, naming the file and the fix; nothing readers see changes."""
+    from raybc.embeddings import make_table, write_table
+    from raybc.errors import IntegrityError
+    from raybc.intake import RegisterOptions
+    from raybc.storage import file_stamp
+    from stamps import wait_for_a_newer_mtime
+
+    root = storage_root
+    reg = build_registry(root, dims=[8, 12], rows=2_000, entities=["items"], rows_per_file=1_000)
+    store = reg.embeddings_storage(1, "items")
+    infos = {i["basename"]: i for i in store.list(detail=True)}
+    files = reg.get(1).embeddings["items"].files
+    assert [f.path for f in files] == ["part-00000.parquet", "part-00001.parquet"]
+    assert all(f.stamp and f.stamp == file_stamp(infos[f.path]) and f.bytes == infos[f.path]["size"] for f in files), files
+    backfill(root, BackfillOptions(progress=False), echo=lambda _: None)
+    seen = {rel: root.read_bytes(rel) for rel in root.walk_files("snapshots")}
+
+    name = "part-00001.parquet"
+    with store.open_input(name) as f:
+        t = pq.read_table(f)
+    ids, mat = t.column("id").to_numpy(), t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 12)
+    if store.is_local:
+        wait_for_a_newer_mtime(store.path(name))  # a local stamp is an mtime: see the helper
+    with store.open_output(name) as f:
+        write_table(f, make_table(ids, -mat))  # as write_embeddings wrote it, other values: the same size
+    assert store.size(name) == files[1].bytes, "the rewrite must keep the size: only the stamp can tell"
+
+    fix = r"published embeddings are immutable. Restore the file, or register the new embeddings as a new version"
+    with pytest.raises(IntegrityError, match=rf"{store.uri(name)} changed after v1 was .*{fix}"):
+        backfill(root, BackfillOptions(progress=False, to_versions=[0]), echo=lambda _: None)
+    # registering v2 joins with the stored z_1 to measure B_2 against it: refused as well
+    z2 = root.child("incoming")
+    with z2.open_output("z.parquet") as f:
+        write_table(f, make_table(ids, mat))
+    with pytest.raises(IntegrityError, match=rf"{store.uri(name)} changed after v1 was published .*immutable. Restore the file, or "
+                                            r"publish the new embeddings as a new version \(raybc register --version 2"):  # fmt: skip
+        reg.register(2, embeddings={"items": z2.uri("z.parquet")}, aligner=random_aligner(12, 12, seed=1),
+                     options=RegisterOptions(check_rows=500), source_options=root.options)  # fmt: skip
+    assert reg.versions() == [0, 1] and not root.walk_files("embeddings/v2")
+    assert {rel: root.read_bytes(rel) for rel in root.walk_files("snapshots")} == seen, "a refusal must change nothing readers see"

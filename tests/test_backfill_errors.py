@@ -14,6 +14,7 @@ from raybc.data.synthetic import build_registry
 from raybc.embeddings import make_table
 from raybc.errors import ConfigError, InputDataError, IntegrityError
 from raybc.storage import Storage
+from stamps import restamp
 
 pytestmark = pytest.mark.cluster
 
@@ -44,8 +45,11 @@ def input_path(root: Storage, name: str = "part-00001.parquet") -> str:
 
 
 def rewrite(root: Storage, table: pa.Table, name: str = "part-00001.parquet") -> str:
+    """Put ``table`` in place of a published file of v2, as if v2 had been published with it: a
+    plain rewrite is refused by its stamp (tests/test_backfill.py), and these tests are about rows."""
     path = input_path(root, name)
     pq.write_table(table, path)
+    restamp(root, 2, "items")
     return path
 
 
@@ -119,8 +123,10 @@ def test_corrupt_parquet_file(committed):
     path = input_path(root)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])  # truncated: no footer
+    restamp(root, 2, "items")
     fails_cleanly(root, before, InputDataError, r"part-00001.parquet is not a readable Parquet file")
     open(path, "wb").write(b"\x00" * len(data))
+    restamp(root, 2, "items")
     fails_cleanly(root, before, InputDataError, r"part-00001.parquet is not a readable Parquet file")
 
 

@@ -27,6 +27,7 @@ from raybc.options import load_options, validate_options
 from raybc.registry import ALIGNER_FILE, MODEL_FILE, ModelWeights, Registry
 from raybc.snapshots import Snapshots
 from raybc.storage import Storage
+from stamps import restamp
 
 DIMS = [8, 12, 16]
 
@@ -361,6 +362,7 @@ def test_backfill_refuses_schema_drift_and_non_utf8_ids_and_changes_nothing(tmp_
 
     def fails(table: pa.Table, match: str) -> None:
         pq.write_table(table, target)
+        restamp(root, 2, "users")  # as if v2 had been published with it: the rows are what is tested here
         with pytest.raises(InputDataError, match=match):
             backfill(root, BackfillOptions(progress=False), echo=lambda _: None)
         assert visible(root) == committed, "what readers see (CURRENT, manifests) must not change"
@@ -375,6 +377,7 @@ def test_backfill_refuses_schema_drift_and_non_utf8_ids_and_changes_nothing(tmp_
     bad = pa.Array.from_buffers(pa.string(), 100, [None, offsets, pa.py_buffer(raw)])
     fails(pa.table({"id": bad, "embedding": emb}), r"part-00001.parquet: row 42 has an id that is not valid UTF-8")
     pq.write_table(original, target)  # fixed (a new file stamp, so a new run): it commits, correct
+    restamp(root, 2, "users")
     from raybc.snapshots import verify_snapshot
 
     assert sorted(backfill(root, BackfillOptions(progress=False), echo=lambda _: None).committed) == ["as-v0/users", "as-v1/users"]

@@ -182,11 +182,36 @@ def test_read_snapshot_hints_fit_the_case(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+# `raybc reconcile` as its console entry point runs it (raybc.cli.main), with one change inside the
+# Ray workers: each write task, once its parts are written and renamed in place, drops a marker and
+# holds until the process ends. The backfill can then never finish before the test's Ctrl-C lands:
+# without the hold, a loaded machine could let it write every part and commit between the test's
+# seeing the first part and its SIGINT, and the signal met a finished run (failed 1 in 8 runs).
+HELD_RECONCILE = """
+import os, sys, time
+import raybc.backfill as bf
+from raybc.cli import main
+
+held = sys.argv[1]
+
+class HeldSink(bf.BackfillSink):
+    def write(self, blocks, ctx):
+        out = super().write(blocks, ctx)
+        open(os.path.join(held, f"held-{os.getpid()}-{time.time_ns()}"), "w").close()
+        time.sleep(600)
+        return out
+
+bf.BackfillSink = HeldSink  # defined in __main__: Ray ships it to the workers by value
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_temporaries(tmp_path, ray_session, capsys):
-    """SIGINT while parts are being written: exit 130 and the summary as the last line; a killed
-    worker's temporary in the run folder (planted too, so the check never depends on timing) is
-    never part of the committed run the rerun makes."""
+    """SIGINT while parts are being written (some committed to their files, the others' tasks
+    still running, none of the run committed): exit 130 and the summary as the last line; a killed
+    worker's temporary in the run folder (planted, so the check never depends on timing) is never
+    part of the committed run the rerun makes."""
     import os
     import signal
     import subprocess
@@ -201,17 +226,26 @@ def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_tempora
     build_registry(root, dims=[8, 12, 16], rows=200_000, entities=["users"], rows_per_file=200_000, row_group_rows=5_000, seed=5)
     args = ["reconcile", "--root", root.uri(), "--rows-per-part", "5000"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.Popen([sys.executable, "-m", "raybc.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 180
-    while not any(f.endswith(".parquet") for f in root.walk_files("snapshots")):  # parts are being written
-        assert p.poll() is None and time.monotonic() < deadline, "reconcile ended before writing a part"
+    held = tmp_path / "held"
+    held.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", HELD_RECONCILE, str(held), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 180  # a hang guard only: nothing is asserted on time
+    while not any(held.iterdir()):  # a write task wrote its parts; none can return
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"reconcile ended or hung before a write task finished its parts (exit {p.returncode}):\n{out}\n{err[-4000:]}")
         time.sleep(0.05)
+    written = [f for f in root.walk_files("snapshots") if f.endswith(".parquet")]
+    assert written and not [f for f in root.walk_files("snapshots") if f.endswith(("CURRENT", "manifest.json"))], written
     os.kill(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == cli.EXIT_INTERRUPTED, (out, err)
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"raybc reconcile: interrupted root={root.uri()}") and "a rerun resumes" in last, out
     assert "Traceback" not in err, err
+    assert not [f for f in root.walk_files("snapshots") if f.endswith(("CURRENT", "manifest.json"))], "an interrupted run committed"
     runs = sorted({f.rsplit("/", 1)[0] for f in root.walk_files("snapshots") if "/from-v2/" in f})
     assert runs, "the interrupted run wrote nothing"
     run_id = runs[0].rsplit("/", 1)[1]
@@ -224,6 +258,10 @@ def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_tempora
     rerun_out, rerun_err = capsys.readouterr()
     assert code == cli.EXIT_OK, (rerun_out, rerun_err)
     assert rerun_out.strip().splitlines()[-1].startswith("raybc reconcile: done"), rerun_out
+    import re
+
+    resumed = re.search(r"parts run / resumed\s+(\d+) / (\d+)", rerun_out)
+    assert resumed and int(resumed[2]) >= 1, rerun_out  # the parts the held tasks wrote were not written again
     snaps = Snapshots(root)
     for t in (0, 1):
         snap = snaps.get(t, "users")

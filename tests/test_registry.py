@@ -42,6 +42,40 @@ def test_published_version_is_immutable(storage_root):
     assert reg.get(1).method == "synthetic"
 
 
+def test_every_published_embedding_file_is_stamped_and_a_change_before_publishing_is_refused(storage_root):
+    """Each path that publishes z_k records every file's size and stamp (ETag or mtime): the files
+    write_embeddings wrote (raybc train), those publish scans itself, and a listing given without
+    stamps. A file that changed between being described and being published is refused."""
+    from raybc.registry import EntityFiles, FileEntry
+    from raybc.storage import file_stamp
+
+    reg = Registry(storage_root)
+
+    def stamped_as_listed(k: int, entity: str) -> bool:
+        infos = {i["basename"]: i for i in reg.embeddings_storage(k, entity).list(detail=True)}
+        files = reg.get(k).embeddings[entity].files
+        return bool(files) and all(f.stamp and f.stamp == file_stamp(infos[f.path]) and f.bytes == infos[f.path]["size"] for f in files)
+
+    written = reg.write_embeddings(0, "items", embedding_tables(30, 8, rows_per_file=10))
+    reg.publish(0, dim=8, method="m", aligner=None, embeddings={"items": written})
+    assert stamped_as_listed(0, "items")
+    with reg.embeddings_storage(1, "items").open_output("z.parquet") as f:  # files put there by another job
+        pq.write_table(make_table(np.arange(5), np.ones((5, 12), np.float32)), f)
+    reg.publish(1, dim=12, method="m", aligner=random_aligner(12, 8, seed=1))  # embeddings=None: scanned
+    assert stamped_as_listed(1, "items")
+    listed = reg.write_embeddings(2, "items", embedding_tables(30, 16, rows_per_file=30))
+    bare = EntityFiles("items", 16, "int64", tuple(FileEntry(f.path, f.rows, f.bytes) for f in listed.files))
+    reg.publish(2, dim=16, method="m", aligner=random_aligner(16, 12, seed=2), embeddings={"items": bare})
+    assert stamped_as_listed(2, "items")
+
+    described = reg.write_embeddings(3, "items", embedding_tables(30, 16, rows_per_file=30))
+    with reg.embeddings_storage(3, "items").open_output("part-00000.parquet") as f:
+        pq.write_table(make_table(np.arange(29), np.ones((29, 16), np.float32)), f)
+    with pytest.raises(InputDataError, match=r"part-00000.parquet changed while v3 was being published .* publish again once the file is final"):
+        reg.publish(3, dim=16, method="m", aligner=random_aligner(16, 16, seed=3), embeddings={"items": described})
+    assert reg.versions() == [0, 1, 2]
+
+
 def test_concurrent_publishers_of_one_version_have_one_winner(storage_root):
     reg = build_registry(storage_root, dims=[8], rows=10, entities=["items"])
     results: dict[int, object] = {}

@@ -12,7 +12,7 @@ from raybc.data.interactions import synthetic_interactions
 from raybc.data.slicing import temporal_versions
 from raybc.errors import ConfigError, RegistryError
 from raybc.registry import Registry
-from raybc.storage import Storage
+from raybc.storage import Storage, file_stamp
 from raybc.train.fit import TrainOptions, fit_version
 from raybc.train.loop import Joint, load_checkpoint, save_checkpoint
 from raybc.train.losses import bpr_loss, multi_step_alignment, prefix_alignment, single_step_alignment
@@ -141,6 +141,10 @@ def test_each_method_publishes_versions_with_metrics_and_weights(trained, method
             assert key in v.metrics
         assert all(f"align_err_v{j}" in v.metrics for j in range(k))
         assert set(v.embeddings) == {"users", "items"}
+        # every z_k file carries the size and stamp it was published with (a later rewrite is refused)
+        for e, ef in v.embeddings.items():
+            infos = {i["basename"]: i for i in reg.embeddings_storage(k, e).list(detail=True)}
+            assert all(f.stamp and f.stamp == file_stamp(infos[f.path]) and f.bytes == infos[f.path]["size"] for f in ef.files), ef
         reg.model(k)  # checksum-verified weights load
         if k:
             b = reg.aligner(k)

@@ -60,7 +60,7 @@ from raybc.embeddings import (
 )
 from raybc.errors import InputDataError, IntegrityError, RaybcError
 from raybc.options import Options
-from raybc.registry import FileEntry, Registry, version_dir
+from raybc.registry import FileEntry, Registry, check_unchanged, listing, version_dir
 from raybc.runtime import ensure_ray, log_level, quiet, tame_ray_logs
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
@@ -363,9 +363,6 @@ class BackfillSummary:
         return {**asdict(self), "rows_per_s": self.rows_per_s, "nothing_to_do": self.nothing_to_do}
 
 
-_stamp = file_stamp
-
-
 def _read_footer(store: Storage, name: str) -> pq.FileMetaData:
     """A Parquet footer; a transient storage fault while reading it is retried (bounded)."""
     o = store.options
@@ -406,7 +403,7 @@ def _read_input_file(store: Storage, name: str, info: dict[str, Any], dim: int) 
                 rng = (lo, hi) if lo is not None else None
         ranges.append(rng)
     id_type = "int64" if pa.types.is_integer(layout.id_type) else "string"
-    return InputFile(name, int(info.get("size") or store.size(name)), _stamp(info), id_type, tuple(groups), tuple(ranges))
+    return InputFile(name, int(info.get("size") or store.size(name)), file_stamp(info), id_type, tuple(groups), tuple(ranges))
 
 
 def _part_range(f: InputFile, p: Part) -> tuple[Any, Any] | None:
@@ -428,17 +425,8 @@ def plan_entity(
     version = registry.get(source)
     ef = version.embeddings[entity]
     store = registry.embeddings_storage(source, entity)
-    infos = {e["basename"]: e for e in store.list(detail=True)}
-    for f in ef.files:
-        if f.path not in infos:
-            raise IntegrityError(f"{store.uri(f.path)} is listed in v{source}'s manifest but missing; restore it")
-        info = infos[f.path]
-        if f.stamp is not None and (int(info.get("size") or -1) != f.bytes or file_stamp(info) != f.stamp):
-            raise IntegrityError(
-                f"{store.uri(f.path)} changed after v{source} was registered (size {info.get('size')}, stamp "
-                f"{file_stamp(info)!r}; registered: {f.bytes}, {f.stamp!r}): published embeddings are immutable. "
-                "Restore the file, or register the new embeddings as a new version"
-            )
+    infos = listing(store)
+    check_unchanged(store, ef.files, version=source, infos=infos)
     with ThreadPoolExecutor(IO_THREADS) as pool:
         files = list(pool.map(lambda f: _read_input_file(store, f.path, infos[f.path], ef.dim), ef.files))
     for entry, f in zip(ef.files, files):

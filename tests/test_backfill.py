@@ -311,7 +311,7 @@ def test_a_published_embedding_file_rewritten_in_place_is_refused(storage_root, 
         write_table(f, make_table(ids, -mat))  # as write_embeddings wrote it, other values: the same size
     assert store.size(name) == files[1].bytes, "the rewrite must keep the size: only the stamp can tell"
 
-    fix = r"published embeddings are immutable. Restore the file, or register the new embeddings as a new version"
+    fix = r"published embeddings are immutable. Restore the file, or publish the new embeddings as a new version \(raybc register --version 2"
     with pytest.raises(IntegrityError, match=rf"{store.uri(name)} changed after v1 was .*{fix}"):
         backfill(root, BackfillOptions(progress=False, to_versions=[0]), echo=lambda _: None)
     # registering v2 joins with the stored z_1 to measure B_2 against it: refused as well

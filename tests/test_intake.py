@@ -246,7 +246,7 @@ def test_in_place_registration_is_read_where_it_lies_and_a_later_change_is_refus
     pq.write_table(t.slice(0, t.num_rows - 1), new.path("part-00002.parquet"))
     from raybc.backfill import BackfillOptions
 
-    with pytest.raises(IntegrityError, match=r"part-00002.parquet changed after v1 was registered"):
+    with pytest.raises(IntegrityError, match=r"part-00002.parquet changed after v1 was published"):
         backfill(root, BackfillOptions(compression="zstd"))
 
 

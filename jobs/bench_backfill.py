@@ -447,10 +447,11 @@ def main(argv: list[str]) -> int:
                   f"{m['reclaim_scanned_gb']:10.2f} {m['memory_stall_pct']:10.1f} {m['io_stall_pct']:9.1f} {m['peak_dirty_gb']:8.2f} "
                   f"{m['shared_memory_growth_gb']:7.2f}")  # fmt: skip
     for r in results.values():
-        tl = (r.get("part_timing") or {}).get("timeline")
-        if tl:
-            print(f"{r['case']}: rows/s per part, by tenth of the parts in start order: "
-                  + " ".join(f"{x['rows_per_s']:,.0f}" for x in tl))
+        t = r.get("part_timing") or {}
+        if t:
+            print(f"{r['case']}: CPU per row in the write tasks {t['cpu_us_per_row']['user']:.2f} us user + "
+                  f"{t['cpu_us_per_row']['system']:.2f} us kernel; rows/s per part, by tenth of the parts in start order: "
+                  + " ".join(f"{x['rows_per_s']:,.0f}" for x in t["timeline"]))  # fmt: skip
     if costs:
         print(f"stage costs, one core, us per row (first {costs['rows']:,} rows): read {costs['read']:.3f}, "
               f"matmul {costs['matmul']:.3f}, write {costs['write']:.3f} (per target)")

@@ -54,19 +54,28 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+# Python threads a Ray driver runs besides the caller's: log and error listeners, Ray's GC thread.
+_RAY_PY_THREADS = ("ray_", "PythonGCThread")
+
+
 def _ray_threads_cpu_s() -> float:
-    """CPU seconds of this process's threads that Ray's C++ core worker started and named (gRPC
-    polling, its I/O and timer threads: ``worker.io``, ``client.poll0``, ...), from
-    ``/proc/self/task/*/schedstat`` (nanoseconds). Threads that keep the process's own name are
-    Python's and raybc's (the main thread, thread pools). Ray's threads live as long as the
+    """CPU seconds of this process's threads that Ray runs for its connection, from
+    ``/proc/self/task/*/schedstat`` (nanoseconds): the threads its C++ core worker started and
+    named (gRPC polling, I/O and timer threads: ``worker.io``, ``client.poll0``, ...) and its Python
+    threads (``ray_print_logs``, ``ray_listen_error_messages``, its GC thread). The rest -- the main
+    thread, raybc's thread pools -- is the driver's own work. Ray's threads live as long as the
     connection, so a difference of two readings is what they spent in between."""
+    import threading
+
     own = open("/proc/self/comm").read().strip()
+    ray_py = {t.native_id for t in threading.enumerate() if t.name.startswith(_RAY_PY_THREADS)}
     total = 0
     for tid in os.listdir("/proc/self/task"):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() == own:
-                    continue
+            if int(tid) not in ray_py:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    if f.read().strip() == own:
+                        continue
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
         except FileNotFoundError:  # a thread that just ended

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -239,10 +240,14 @@ def part_timing(results: Sequence[dict[str, Any]], *, slices: int = 10) -> dict[
     for chunk in np.array_split(np.arange(len(done)), min(slices, len(done))):
         rows, secs = sum(done[i]["rows"] for i in chunk), sum(done[i]["seconds"] for i in chunk)
         timeline.append({"parts": len(chunk), "rows_per_s": rows / secs, "mean_part_seconds": secs / len(chunk)})
+    rows = sum(r["rows"] for r in done) or 1
     return {
         "parts": len(done),
         "part_rows_per_s": [float(np.percentile(rates, q)) for q in (10, 50, 90)],
         "timeline": timeline,
+        # CPU a row costs in the write tasks (user, kernel), microseconds: unlike rows/s, what else
+        # runs on the machine does not change it
+        "cpu_us_per_row": {k: 1e6 * sum(r.get(f"cpu_{k}_s", 0.0) for r in done) / rows for k in ("user", "system")},
     }
 
 
@@ -354,6 +359,7 @@ class BackfillSummary:
         if self.part_timing:
             t = self.part_timing
             rows.append(("rows/s per part (p10/p50/p90)", " / ".join(f"{r:,.0f}" for r in t["part_rows_per_s"])))
+            rows.append(("CPU per row, user / kernel", " / ".join(f"{t['cpu_us_per_row'][k]:.2f} us" for k in ("user", "system"))))
         w = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{w}}  {v}" for k, v in rows]
         lines.append("  committed: " + ", ".join(self.committed))
@@ -503,7 +509,7 @@ def process_part(ctx: PartContext, part: Part) -> dict[str, Any]:
 
 
 def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
-    started, t0 = time.time(), time.perf_counter()
+    started, t0, cpu0 = time.time(), time.perf_counter(), os.times()
     src = ctx.source_store or ctx.root.child("embeddings", version_dir(ctx.source), ctx.entity)
     uri = src.uri(part.file)
     targets = ctx.plan.targets
@@ -550,8 +556,12 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
             dup = first_duplicate(pa.chunked_array(ids_seen, type=layout.id_type)) if ids_seen else None
             if dup is not None:
                 raise InputDataError(f"{uri}: id {dup!r} occurs more than once; every id must appear exactly once")
-    seconds = time.perf_counter() - t0
-    return {"entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds, "started": started}
+    seconds, cpu1 = time.perf_counter() - t0, os.times()
+    return {
+        "entity": part.entity, "part": part.name, "rows": part.rows, "seconds": seconds, "started": started,
+        # the worker's CPU (user, kernel) for this part: how much work a row is, whatever else runs
+        "cpu_user_s": cpu1.user - cpu0.user, "cpu_system_s": cpu1.system - cpu0.system,
+    }  # fmt: skip
 
 
 HALF_MAX = float(np.finfo(np.float16).max)  # 65504; from 65520 on, float16 rounds to Inf

@@ -59,10 +59,10 @@ from raybc.embeddings import (
     parquet_file,
     table_schema,
 )
-from raybc.errors import InputDataError, IntegrityError, RaybcError
+from raybc.errors import InputDataError, IntegrityError, RaybcError, reraise_root_cause
 from raybc.options import Options
 from raybc.registry import FileEntry, Registry, check_unchanged, listing, version_dir
-from raybc.runtime import ensure_ray, log_level, quiet, tame_ray_logs
+from raybc.runtime import ensure_ray, log_level, quiet, quiet_pipeline_failures, tame_ray_logs
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
 from raybc.transforms import FanOutPlan, Scratch
@@ -586,19 +586,6 @@ def _to_half(mat: np.ndarray, out: np.ndarray, ids: pa.Array, *, where: str, row
     return out
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """The RaybcError inside Ray's task-error wrappers, if any."""
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, RaybcError):
-            return cur
-        cause = getattr(cur, "cause", None)
-        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
-    return exc
-
-
 # --------------------------------------------------------------------------- the Ray Data sink
 
 
@@ -666,6 +653,7 @@ def run_pipeline(
     ds.context.enable_progress_bars = options.progress
     ds.context.use_ray_tqdm = bar  # drawn by the driver; else Ray Data logs progress, forwarded as lines
     ds.context.op_resource_reservation_enabled = False
+    quiet_pipeline_failures()  # a part's error reaches the driver whole (its Ray wrappers carry it); no need to log it here
     ds.write_datasink(sink, ray_remote_args={"num_cpus": options.cpus_per_task}, concurrency=options.max_concurrency)
     return results
 
@@ -808,9 +796,7 @@ def backfill(
         try:
             results = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
-            cause = _root_cause(exc)
-            if cause is not exc:
-                raise cause.with_traceback(None) from None
+            reraise_root_cause(exc)
             raise
         except KeyboardInterrupt:  # Ctrl-C: stop the pipeline and its write tasks now, not at exit
             with contextlib.suppress(Exception):

@@ -47,6 +47,44 @@ class SnapshotError(RaybcError, RuntimeError):
     """A snapshot that cannot be committed or read."""
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The RaybcError that ``exc`` wraps (a Ray task error, a Ray Data execution error, a chain of
+    ``raise ... from``), else ``exc`` itself. Ray's ``RayTaskError`` subclasses the error its task
+    raised, but prints as the task's whole traceback: the error the task raised -- its ``cause``,
+    whose message is meant for the user as is -- is preferred."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, RaybcError) and not isinstance(cur, RayError):
+            return _without_ray_data_note(cur)
+        cause = getattr(cur, "cause", None)
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    return exc
+
+
+# What Ray Data appends to an exception's message when a task of its pipeline fails ("Failed to
+# apply UDF transform after 1/1 attempts ... configure retried_map_errors"): advice to retry,
+# which is wrong for an error raybc raised on purpose.
+_RAY_DATA_NOTE = "\nFailed to "
+
+
+def _without_ray_data_note(exc: BaseException) -> BaseException:
+    if exc.args and isinstance(exc.args[0], str) and _RAY_DATA_NOTE in exc.args[0] and "attempts (total backoff" in exc.args[0]:
+        exc.args = (exc.args[0].split(_RAY_DATA_NOTE, 1)[0], *exc.args[1:])
+    return exc
+
+
+def reraise_root_cause(exc: BaseException) -> None:
+    """Raise :func:`root_cause` of ``exc`` without Ray's wrappers and tracebacks when it is a
+    RaybcError; return otherwise (the caller re-raises ``exc``)."""
+    cause = root_cause(exc)
+    if cause is not exc:
+        raise cause.with_traceback(None) from None
+
+
 # The commands that create a registry: named in the error a root without one gets.
 CREATING_COMMANDS = "`raybc register` (a version trained elsewhere), `raybc train`, `raybc experiment`, or `raybc demo` (synthetic)"
 

@@ -431,11 +431,9 @@ def read_label_rows(
     try:
         results = ray.get([r for _, _, r in pending])
     except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
-        from raybc.backfill import _root_cause
+        from raybc.errors import reraise_root_cause
 
-        cause = _root_cause(exc)
-        if cause is not exc:
-            raise cause.with_traceback(None) from None
+        reraise_root_cause(exc)
         raise
     tables: dict[str, pa.Table] = {}
     scanned: dict[str, dict[str, int]] = {}

@@ -380,9 +380,9 @@ def _map_refs(src: SourceFiles, *, buckets: int, threshold: int, validate: bool,
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    from raybc.backfill import _root_cause
+    from raybc.errors import root_cause
 
-    return _root_cause(exc)
+    return root_cause(exc)
 
 
 def _get(refs: Any) -> Any:

@@ -54,6 +54,29 @@ def tame_ray_logs() -> None:
             logging.getLogger(name).setLevel(log_level())
 
 
+class _NoFailureLog(logging.Filter):
+    """Ray Data's console lines about a failed task ("An exception was raised from a task of
+    operator", the task's traceback, "Failed to apply UDF transform", "Exception occurred in Ray
+    Data or Ray Core internal code ... open an issue"): the pipeline re-raises that error to the
+    driver, which reports it once. Ray Data's own log file in the session folder keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not str(record.msg).startswith(("Failed to apply UDF", "\nTo change retry"))
+
+
+def quiet_pipeline_failures() -> None:
+    """Keep Ray Data's failure lines off the console of this process (see :class:`_NoFailureLog`);
+    idempotent. Called where raybc runs a Ray Data pipeline whose errors it re-raises itself."""
+    from ray.data._internal.logging import configure_logging
+
+    logger = logging.getLogger("ray.data")
+    if not logger.handlers:
+        configure_logging()  # Ray Data sets its handlers up on first use; filter them now
+    for h in logger.handlers:
+        if h.get_name() != "file" and not any(isinstance(f, _NoFailureLog) for f in h.filters):
+            h.addFilter(_NoFailureLog())
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from raybc.errors import InputDataError
 from raybc.options import Options
-from raybc.pairs import EntityScan, pair_errors, pair_stats, run_on_pairs, select, sum_stats
+from raybc.pairs import EntityScan, call_on_summed_stats, pair_errors, pair_stats, run_on_pairs, select, submit_on_pairs
 from raybc.transforms import Affine, FanOutPlan, ResidualMLP, Transform
 
 KINDS = ("linear", "affine", "orthogonal", "residual_mlp")
@@ -259,14 +259,16 @@ def fit_from_scans(
             f"held out) give {have:,} {unit}; {article} {options.kind} B of {d_in} -> {d_out} dimensions needs at least "
             f"{need:,}, and at least one held-out pair. " + ", ".join(fixes[:-1]) + " " + fixes[-1]
         )
-    stats = sum_stats([st for s in scans for st in run_on_pairs(pair_stats, s.pairs, s.threshold)])
+    # Sufficient statistics per bucket, summed and solved in Ray tasks: the driver gets B alone, however
+    # many buckets (a few d x d matrices each) the rows make, and runs no linear algebra itself.
+    stats = [r for s in scans for r in submit_on_pairs(pair_stats, s.pairs, s.threshold)]
     training: dict[str, Any] = {}
     if options.kind in ("linear", "affine"):
-        b: Transform = solve_least_squares(stats, affine=options.kind == "affine", ridge=options.ridge, source=source)
+        b: Transform = call_on_summed_stats(solve_least_squares, stats, affine=options.kind == "affine", ridge=options.ridge, source=source)
     elif options.kind == "orthogonal":
-        b = solve_procrustes(stats)
+        b = call_on_summed_stats(solve_procrustes, stats)
     else:
-        start = solve_least_squares(stats, affine=False, ridge=max(options.ridge, 1e-6), source=source)
+        start = call_on_summed_stats(solve_least_squares, stats, affine=False, ridge=max(options.ridge, 1e-6), source=source)
         b, training = train_residual(scans, options, start=start, registry=registry, version=version, train_pairs=train)
     b = _as_float32(b)
     chain = older_chain(registry, version - 1)

@@ -480,9 +480,36 @@ def sum_stats(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def run_on_pairs(fn, refs: Sequence[Any], *args: Any) -> list[Any]:
     """``fn(pairs, *args)`` in one Ray task per bucket of pairs; the results, in bucket order."""
+    return _get(submit_on_pairs(fn, refs, *args))
+
+
+def submit_on_pairs(fn, refs: Sequence[Any], *args: Any) -> list[Any]:
+    """:func:`run_on_pairs` without waiting: the results' object refs, in bucket order."""
     task = _remote(fn)
     shared = [a if _is_small(a) else _put(a) for a in args]
-    return _get([task.remote(r, *shared) for r in refs])
+    return [task.remote(r, *shared) for r in refs]
+
+
+# Statistics summed per task when there are many buckets: each is a few d x d float64 matrices.
+STATS_FAN_IN = 64
+
+
+def _sum_stats_of(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    return sum_stats(parts)
+
+
+def call_on_summed_stats(fn, refs: Sequence[Any], **kwargs: Any) -> Any:
+    """``fn(sum_stats(all), **kwargs)`` in a Ray task, the per-bucket statistics summed in a tree of
+    tasks on the way: the driver receives ``fn``'s result only, however many buckets there are."""
+    refs = list(refs)
+    summed = _remote(_sum_stats_of)
+    while len(refs) > STATS_FAN_IN:
+        refs = [summed.remote(*refs[i : i + STATS_FAN_IN]) for i in range(0, len(refs), STATS_FAN_IN)]
+    return _get(_remote(_call_on_sum).remote(fn, kwargs, *refs))
+
+
+def _call_on_sum(fn, kwargs: dict[str, Any], *parts: Mapping[str, Any]) -> Any:
+    return fn(sum_stats(parts), **kwargs)
 
 
 def _is_small(a: Any) -> bool:
@@ -497,5 +524,6 @@ def _put(a: Any) -> Any:
 
 __all__ = [
     "EntityScan", "SourceFiles", "bucket_count", "file_groups", "id_hash", "join_bucket", "pair_errors", "pair_rows",
-    "pair_stats", "run_on_pairs", "sample_threshold", "scan_entity", "scan_group", "sum_stats",
+    "call_on_summed_stats", "pair_stats", "run_on_pairs", "sample_threshold", "scan_entity", "scan_group", "submit_on_pairs",
+    "sum_stats",
 ]  # fmt: skip

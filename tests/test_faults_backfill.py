@@ -100,6 +100,12 @@ class MarkingSink(bf.BackfillSink):
         return out
 
 bf.BackfillSink = MarkingSink
+
+def marking_pipeline(*args, **kwargs):  # the pipeline's own task: say where it runs
+    mark("pipeline", [])
+    return bf.run_pipeline(*args, **kwargs)
+
+bf._pipeline_task = ray.remote(**bf._pipeline_task._default_options)(marking_pipeline)  # raybc's own options
 ray.init(address=address, log_to_driver=False)
 opts = bf.BackfillOptions(rows_per_part=%d, compression=compression, output_dtype=dtype, progress=False,
                           max_concurrency=2, batch_rows=%d if stop == "mid_part" else 65_536)
@@ -357,6 +363,30 @@ def test_worker_killed_mid_part_or_before_its_result_returns_is_retried_and_outp
     assert_exactly_once(root, reference)
     for d in dirs.values():
         assert temporaries(d) == [], "the dead writer's temporary is not left in the committed run"
+
+
+def test_the_pipeline_task_killed_mid_backfill_is_run_again_and_output_is_exactly_once(tmp_path, ray_session, reference):
+    """The task that runs Ray Data's executor (raybc.backfill.run_pipeline) SIGKILLed while write
+    tasks run: Ray runs it again in a new worker (a system failure, retried), the write tasks it
+    had started die with their owner or finish, the new one writes every part again under the
+    same names, and the job completes with every row once and no dead writer's temporary."""
+    root = Storage(str(tmp_path / "root"))
+    make_registry(root)
+    markers = tmp_path / "markers"
+    p = start_driver(root, session_address(), markers, pause_s=0.5, compression="none")
+    wait_for(lambda: len(marks(markers, "start")) >= 3, what="three write tasks to start")
+    (first,) = marks(markers, "pipeline")
+    killed_at_ns = time.time_ns()
+    os.kill(first["pid"], signal.SIGKILL)
+    code, out = finish(p, timeout=240)
+    assert code == 0, out
+    pipelines = marks(markers, "pipeline")
+    assert len(pipelines) == 2 and pipelines[1]["pid"] != first["pid"] and pipelines[1]["t"] > killed_at_ns, pipelines
+    after = [m for m in marks(markers, "start") if m["t"] > killed_at_ns]
+    assert len({k for m in after for k in m["parts"]}) == ROWS // PER_PART, "the new pipeline ran every part"
+    assert_exactly_once(root, reference)
+    for d in run_dirs(root).values():
+        assert temporaries(d) == [], "a dead writer's temporary is not left in the committed run"
 
 
 @pytest.fixture

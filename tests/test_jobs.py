@@ -33,6 +33,17 @@ def test_shipped_backfill_configs_validate(path):
     assert cfg.root and cfg.backfill.rows_per_part > 0
 
 
+def copy_checkout(dest: Path) -> Path:
+    """``dest`` holding a copy of this checkout's tracked and unignored files: what a user's clone
+    (and ``ray job submit --working-dir .`` from it) has."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in listed.stdout.split():
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 def run(cmd: list[str], *, env: dict | None = None, timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
@@ -152,12 +163,7 @@ def test_ray_job_submit_backfill_with_token_auth(ray_head, tmp_path):
 
     # the README's own flow, as written: `raybc demo --root ./demo-root` in a clone, then its
     # `ray job submit ... --root "$PWD/demo-root"` line run by a shell in that clone
-    clone = tmp_path / "clone"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for rel in listed.stdout.split():
-        if (REPO / rel).is_file():
-            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, clone / rel)
+    clone = copy_checkout(tmp_path / "clone")
     demo = run([f"{VENV_BIN}/raybc", "demo", "--root", "./demo-root", "--rows", "2000"], cwd=clone)
     assert demo.returncode == 0, demo.stderr[-3000:]
     shutil.rmtree(clone / "demo-root" / "snapshots")  # so the submitted job has all of it to do

@@ -159,12 +159,9 @@ def test_readme_commands_parser_joins_continuations_and_drops_comments():
 @pytest.fixture
 def clone(tmp_path) -> Path:
     """A copy of the clone's tracked and unignored files, with this test run's venv as its .venv."""
-    dest = tmp_path / "clone"
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for rel in listed.stdout.split():
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
+    from test_jobs import copy_checkout
+
+    dest = copy_checkout(tmp_path / "clone")
     (dest / ".venv").symlink_to(VENV)
     return dest
 

@@ -4,7 +4,7 @@ One pass over the input serves every target: each Parquet part of ``embeddings/v
 read once, each batch is validated (dimension, NaN/Inf, null ids, duplicate ids) and multiplied
 by the stacked fused matrices of all targets (:class:`~raybc.transforms.FanOutPlan`), and one part
 file per target is streamed out. Ray Data schedules the parts as write tasks of a small
-:class:`~ray.data.Datasink`, its executor running in one task of its own (:func:`run_pipeline`)
+:class:`~ray.data.Datasink`, its executor running in an actor of its own (:class:`PipelineRunner`)
 so that the driver only plans from footers, waits, and then commits every snapshot through
 :class:`~raybc.snapshots.Snapshots` (files checked, manifest, then CURRENT).
 
@@ -633,7 +633,7 @@ def run_pipeline(
 ) -> list[dict[str, Any]]:
     """Run the write tasks (each a list of part keys) through Ray Data; return every part's result.
 
-    Called inside :data:`_pipeline_task`, never on the driver: Ray Data's streaming executor polls
+    Called inside :class:`PipelineRunner`, never on the driver: Ray Data's streaming executor polls
     its operators for as long as the backfill runs (about 0.03-0.08 of a core here), so run on the
     driver its CPU would grow with the rows. In a task, the driver only waits on one object ref.
     ``level`` is the driver's log level for Ray (``--log-level``/``--quiet``); ``bar`` says the
@@ -658,12 +658,67 @@ def run_pipeline(
     return results
 
 
-# The pipeline's own task takes no CPU slot (its write tasks take theirs) and runs on the driver's
-# node (soft), which a cluster keeps for as long as the job runs. A system failure of it (its
-# worker killed) runs it again: parts are idempotent, so the retry rewrites the same files. Its
-# worker exits afterwards (max_calls=1): the executor leaves threads behind, and a write task
-# later given that process could import torch beside them (seen: "SystemError: bad call flags").
-_pipeline_task = ray.remote(num_cpus=0, max_retries=3, max_calls=1)(run_pipeline)
+class PipelineRunner:
+    """The Ray actor that runs :func:`run_pipeline` for one driver, backfill after backfill.
+
+    An actor, not a task: a task's worker would later run other tasks beside the threads Ray
+    Data's executor leaves behind (a write task importing torch there failed with "SystemError:
+    bad call flags"), and a fresh worker per backfill (``max_calls=1``) cost 2-3 s of start-up CPU
+    per backfill on 2 cores. The actor takes no CPU slot (its write tasks take theirs), lives on
+    the driver's node (soft) and dies with the driver. When it dies mid-call (its process killed,
+    its node lost), :func:`run_on_runner` starts another and calls it again: parts are idempotent,
+    so the new call rewrites the same files."""
+
+    def run(self, sink: BackfillSink, tasks: list[list[str]], options: BackfillOptions, **kwargs: Any) -> list[dict[str, Any]]:
+        return run_pipeline(sink, tasks, options, **kwargs)
+
+
+# No restarts or task retries of Ray's own: the driver replaces a dead runner (RUNNER_ATTEMPTS
+# calls in all), so a runner killed on purpose (Ctrl-C) is not retried and prints nothing.
+RUNNER_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+RUNNER_ATTEMPTS = 4
+_runner: tuple[tuple[str, str], Any] | None = None  # ((Ray job id, driver's node id), actor handle) of this process
+
+
+def pipeline_runner() -> Any:
+    """This driver's :class:`PipelineRunner` actor, started on first use (again after Ray restarts:
+    job ids repeat across clusters, node ids do not)."""
+    global _runner
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_job_id(), ctx.get_node_id())
+    if _runner is None or _runner[0] != key:
+        here = NodeAffinitySchedulingStrategy(key[1], soft=True)
+        _runner = (key, ray.remote(**RUNNER_OPTIONS)(PipelineRunner).options(scheduling_strategy=here).remote())
+    return _runner[1]
+
+
+def _stop_runner() -> None:
+    global _runner
+    if _runner is not None:
+        with contextlib.suppress(Exception):
+            ray.kill(_runner[1], no_restart=True)
+        _runner = None
+
+
+def run_on_runner(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """:meth:`PipelineRunner.run` on this driver's runner; a runner that dies during the call is
+    replaced and the call made again, RUNNER_ATTEMPTS calls in all. Errors the pipeline raised
+    reach the caller as raybc worded them; Ctrl-C kills the runner, which stops its write tasks."""
+    for attempt in range(1, RUNNER_ATTEMPTS + 1):
+        try:
+            return ray.get(pipeline_runner().run.remote(*args, **kwargs))
+        except ray.exceptions.RayActorError as exc:  # the runner's process or node died: a system failure
+            _stop_runner()
+            if attempt == RUNNER_ATTEMPTS:
+                raise RaybcError(f"the backfill's pipeline actor died on each of its {attempt} attempts; last: {str(exc).splitlines()[0]}") from exc
+            log.warning("the backfill's pipeline actor died (%s); starting another, attempt %d of %d", type(exc).__name__, attempt + 1, RUNNER_ATTEMPTS)
+        except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
+            reraise_root_cause(exc)
+            raise
+        except KeyboardInterrupt:  # stop the pipeline and its write tasks now, not at exit
+            _stop_runner()
+            raise
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- driver
@@ -788,20 +843,8 @@ def backfill(
         crash_point("before_write")
         tasks = group_parts(todo, rows_per_task(summary.input_rows, options, ray.cluster_resources().get("CPU", 0)))
         summary.tasks = len(tasks)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         bar = options.progress and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None
-        ref = _pipeline_task.options(scheduling_strategy=here).remote(
-            sink, [[p.key for p in g] for g in tasks], options, level=log_level(), bar=bar
-        )
-        try:
-            results = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - unwrap Ray's task wrappers to the user-facing error
-            reraise_root_cause(exc)
-            raise
-        except KeyboardInterrupt:  # Ctrl-C: stop the pipeline and its write tasks now, not at exit
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True, recursive=True)
-            raise
+        results = run_on_runner(sink, [[p.key for p in g] for g in tasks], options, level=log_level(), bar=bar)
         summary.part_timing = part_timing(results)
         commit(results)
     else:

@@ -101,11 +101,12 @@ class MarkingSink(bf.BackfillSink):
 
 bf.BackfillSink = MarkingSink
 
-def marking_pipeline(*args, **kwargs):  # the pipeline's own task: say where it runs
-    mark("pipeline", [])
-    return bf.run_pipeline(*args, **kwargs)
+class MarkingRunner(bf.PipelineRunner):  # the pipeline's actor: say where each call runs
+    def run(self, *args, **kwargs):
+        mark("pipeline", [])
+        return super().run(*args, **kwargs)
 
-bf._pipeline_task = ray.remote(**bf._pipeline_task._default_options)(marking_pipeline)  # raybc's own options
+bf.PipelineRunner = MarkingRunner
 ray.init(address=address, log_to_driver=False)
 opts = bf.BackfillOptions(rows_per_part=%d, compression=compression, output_dtype=dtype, progress=False,
                           max_concurrency=2, batch_rows=%d if stop == "mid_part" else 65_536)
@@ -365,11 +366,12 @@ def test_worker_killed_mid_part_or_before_its_result_returns_is_retried_and_outp
         assert temporaries(d) == [], "the dead writer's temporary is not left in the committed run"
 
 
-def test_the_pipeline_task_killed_mid_backfill_is_run_again_and_output_is_exactly_once(tmp_path, ray_session, reference):
-    """The task that runs Ray Data's executor (raybc.backfill.run_pipeline) SIGKILLed while write
-    tasks run: Ray runs it again in a new worker (a system failure, retried), the write tasks it
-    had started die with their owner or finish, the new one writes every part again under the
-    same names, and the job completes with every row once and no dead writer's temporary."""
+def test_the_pipeline_actor_killed_mid_backfill_is_replaced_and_output_is_exactly_once(tmp_path, ray_session, reference):
+    """The actor that runs Ray Data's executor (raybc.backfill.PipelineRunner) SIGKILLed while
+    write tasks run: the driver starts another and calls it again (raybc.backfill.run_on_runner),
+    the write tasks it had started die with their owner or finish, the new call writes every part
+    again under the same names, and the job completes with every row once and no dead writer's
+    temporary."""
     root = Storage(str(tmp_path / "root"))
     make_registry(root)
     markers = tmp_path / "markers"

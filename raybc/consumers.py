@@ -79,6 +79,8 @@ class ConsumerOptions(Options):
     weight_decay: float = Field(default=1e-4, ge=0)
     min_item_ratings: int = Field(default=MIN_ITEM_RATINGS, ge=1)
     split_seed: int = 0
+    layers: int = Field(default=1, ge=1, le=8, description="Hidden layers (the authors' MLP: 2).")
+    batch_norm: bool = Field(default=False, description="BatchNorm after each hidden layer's linear map (the authors' MLP: true).")
 
     @field_validator("hidden", "seeds")
     @classmethod
@@ -314,23 +316,37 @@ def features(labels: TaskLabels, embeddings: Mapping[str, pa.Table], *, source: 
 
 
 class _MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, dropout: float):
+    """Standardise -> [linear (-> BatchNorm) -> ReLU -> dropout] x layers -> logit.
+
+    One layer without BatchNorm is raybc's first consumer (tensor names fc1/fc2 unchanged); the
+    authors' ``recsys/models/mlp.py`` is two layers with BatchNorm (here each hidden layer also gets
+    the ReLU the authors' second layer lacks).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dropout: float, *, layers: int = 1, batch_norm: bool = False):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.fc1 = nn.Linear(in_dim, hidden)
+        self.more = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(layers if batch_norm else 0))
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, in_dim) -> (n,) logits
-        h = torch.relu(self.fc1((x - self.mean) / self.std))
+        h = (x - self.mean) / self.std
+        for j, lin in enumerate([self.fc1, *self.more]):
+            h = lin(h)
+            if self.norms:
+                h = self.norms[j](h)
+            h = self.drop(torch.relu(h)) if j < len(self.more) else torch.relu(h)
         return self.fc2(self.drop(h)).squeeze(-1)
 
 
 def _fit_one(x_tr, y_tr, x_va, y_va, *, hidden: int, dropout: float, seed: int, options: ConsumerOptions) -> tuple[_MLP, float]:
     """Full-batch Adam with BCE; keeps the weights of the best validation ROC-AUC check."""
     torch.manual_seed(seed)
-    m = _MLP(x_tr.shape[1], hidden, dropout)
+    m = _MLP(x_tr.shape[1], hidden, dropout, layers=options.layers, batch_norm=options.batch_norm)
     mean = x_tr.mean(0)
     m.mean.copy_(mean)
     m.std.copy_(x_tr.std(0).clamp_min(1e-6))
@@ -409,6 +425,7 @@ class Consumer:
             {
                 "task": labels.task, "kind": labels.kind, "version": labels.version, "in_dim": int(x.shape[1]),
                 "hidden": h, "dropout": p, "seeds": list(options.seeds), "val_auc": float(np.mean(scores[(h, p)])),
+                "layers": options.layers, "batch_norm": options.batch_norm,
                 "grid": {f"hidden={k[0]},dropout={k[1]}": float(np.mean(v)) for k, v in scores.items()},
                 "recipe": options.model_dump(),
             },
@@ -445,7 +462,7 @@ class Consumer:
     def from_tensors(spec: dict, tensors: Mapping[str, np.ndarray]) -> Consumer:
         models = []
         for i in range(len(spec["seeds"])):
-            m = _MLP(int(spec["in_dim"]), int(spec["hidden"]), float(spec["dropout"]))
+            m = _MLP(int(spec["in_dim"]), int(spec["hidden"]), float(spec["dropout"]), layers=int(spec.get("layers", 1)), batch_norm=bool(spec.get("batch_norm", False)))
             state = {k[len(f"seed{i}.") :]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith(f"seed{i}.")}
             m.load_state_dict(state)
             m.eval()

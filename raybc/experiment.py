@@ -140,13 +140,15 @@ class ExperimentOptions(Options):
 
     def variants(self, seed: int) -> dict[str, Variant]:
         """Every (method, lambda) run at ``seed``, by root name: the methods, then the sweep."""
-        base = self.train.get("alignment_weight")
+        from raybc.train.fit import TrainOptions
+
+        base = float(self.train.get("alignment_weight", TrainOptions.model_fields["alignment_weight"].default))
         out = {m: Variant(m, m, None) for m in self.all_methods()}
         if self.sweep_seeds is None or seed in self.sweep_seeds:
             for m in self.all_methods():
                 if get_method(m).aligns_jointly:
                     for w in self.alignment_weights:
-                        if base is None or float(base) != w:
+                        if w != base:  # the profile's own lambda is the method itself
                             label = f"{m}.lambda{w:g}"
                             out[label] = Variant(label, m, w)
         return out

@@ -351,8 +351,9 @@ def test_warm_start_begins_at_the_previous_model_and_b_at_its_exact_map(data, tm
         fit_version(root, d, slices, version=0, options=quick(name), echo=lambda s: None)
         v = fit_version(root, d, slices, version=1, options=quick(name, epochs=1, lr=1e-9, selection_start=0), echo=lambda s: None)
         errs[name] = (v.metrics["align_err_v0"], v.metrics.get("truncation_err_v0"))
-    assert errs["bc-aligner-warm"][0] < 1e-4 and errs["bc-aligner-warm"][1] < 1e-4, errs
-    assert errs["bc-aligner"][0] > 0.1, errs
+    # not exactly 0: the epoch's train-mode steps still move BatchNorm's running statistics (lr plays no part there)
+    assert errs["bc-aligner-warm"][0] < 1e-3 and errs["bc-aligner-warm"][1] < 0.02, errs
+    assert errs["bc-aligner"][0] > 0.5 and errs["bc-aligner"][1] > 0.5, errs
 
 
 def test_refit_publishes_the_least_squares_b(trained, data):

@@ -26,7 +26,7 @@ from raybc.alignment import BackwardAligner, multi_step_loss, single_step_loss
 from raybc.data.interactions import InteractionData
 from raybc.data.slicing import VersionSlice
 from raybc.embeddings import make_table
-from raybc.errors import ConfigError, RegistryError
+from raybc.errors import ConfigError, InputDataError, RegistryError
 from raybc.evaluate import alignment_error
 from raybc.models import build_model
 from raybc.options import Options
@@ -201,12 +201,18 @@ def _payload(
 
 
 def least_squares_aligner(zk: torch.Tensor, zp: torch.Tensor) -> np.ndarray:
-    """The B (d_{k-1}, d_k) minimising ||z_{k-1} - B z_k||^2 over the given nodes, in closed form
-    (float64 least squares). It also minimises the multi-step loss over the same nodes: that loss is
-    ||(z_{k-1} - B z_k)^T||^2 weighted by M = (I + sum_j P_j^T P_j) / k with M positive definite,
-    and an unconstrained B's minimiser does not depend on such a weighting."""
-    sol = torch.linalg.lstsq(zk.double(), zp.double(), driver="gelsd").solution  # (d_k, d_{k-1}): z_k @ sol ~ z_{k-1}
-    return sol.T.contiguous().numpy().astype(np.float32)
+    """The B (d_{k-1}, d_k) minimising ||z_{k-1} - B z_k||^2 over the given nodes, in closed form:
+    :func:`raybc.aligners.solve_least_squares` (float64 normal equations), which also minimises the
+    multi-step loss over the same nodes (see :mod:`raybc.aligners`). A rank-deficient z_k (dead
+    dimensions) gets the minimum-norm solution instead of an error: training already happened."""
+    from raybc.aligners import solve_least_squares
+
+    x, y = zk.double().numpy(), zp.double().numpy()
+    try:
+        b = solve_least_squares({"n": len(x), "xtx": x.T @ x, "xty": x.T @ y}, affine=False, ridge=0.0, source="B_k refit").weight
+    except InputDataError:
+        b = np.linalg.lstsq(x, y, rcond=None)[0].T
+    return np.ascontiguousarray(b, dtype=np.float32)
 
 
 def fit_posthoc_aligner(zk: torch.Tensor, zp: torch.Tensor, frozen: list[torch.Tensor], *, multi: bool, steps: int, lr: float, seed: int) -> BackwardAligner:

@@ -81,6 +81,7 @@ class ExperimentOptions(Options):
         default_factory=list, description="Extra lambdas for every joint method (the trade-off curve); each its own root <method>.lambda<v>."
     )
     sweep_seeds: list[int] | None = Field(default=None, description="Seeds that run the alignment_weights variants (default: every seed).")
+    sweep_methods: list[str] | None = Field(default=None, description="Joint methods that run the alignment_weights variants (default: every one).")
     share_models: bool = Field(default=True, description="Train M_0 once per seed and the post-hoc methods' M_k as no-bc's, not again.")
 
     @model_validator(mode="before")
@@ -112,6 +113,11 @@ class ExperimentOptions(Options):
     def _sweep(self) -> ExperimentOptions:
         if self.sweep_seeds is not None and not set(self.sweep_seeds) <= set(self.seeds):
             raise ValueError(f"sweep_seeds {self.sweep_seeds} must be among seeds {self.seeds}")
+        if self.sweep_methods is not None:
+            bad = [m for m in self.sweep_methods if m not in self.all_methods() or not get_method(m).aligns_jointly]
+            if bad:
+                joint = [m for m in self.all_methods() if get_method(m).aligns_jointly]
+                raise ValueError(f"sweep_methods {bad}: a lambda sweep needs a joint method of this run; choose from {joint}")
         return self
 
     @property
@@ -146,7 +152,7 @@ class ExperimentOptions(Options):
         out = {m: Variant(m, m, None) for m in self.all_methods()}
         if self.sweep_seeds is None or seed in self.sweep_seeds:
             for m in self.all_methods():
-                if get_method(m).aligns_jointly:
+                if get_method(m).aligns_jointly and (self.sweep_methods is None or m in self.sweep_methods):
                     for w in self.alignment_weights:
                         if w != base:  # the profile's own lambda is the method itself
                             label = f"{m}.lambda{w:g}"

@@ -238,6 +238,10 @@ def test_experiment_options_seeds_sweep_and_variants():
     # every joint method at every extra lambda; 16 (the profile's) is the method itself; post-hoc has no lambda
     assert sorted(sweep) == sorted(f"{m}.lambda{w}" for m in ("bc-aligner", "bc-aligner-warm") for w in (1, 64))
     assert sweep["bc-aligner.lambda64"].method == "bc-aligner" and sweep["bc-aligner.lambda64"].alignment_weight == 64.0
+    only = ExperimentOptions(methods=["bc-aligner", "bc-aligner-warm"], alignment_weights=[4], sweep_methods=["bc-aligner-warm"])
+    assert [k for k, v in only.variants(0).items() if v.alignment_weight is not None] == ["bc-aligner-warm.lambda4"]
+    with pytest.raises(ValidationError, match=r"sweep_methods \['no-bc'\]: a lambda sweep needs a joint method"):
+        ExperimentOptions(methods=["bc-aligner"], alignment_weights=[4], sweep_methods=["no-bc"])
     cfg = experiment_config(["--seeds", "0,1,2", "--alignment-weights", "1,4", "--methods", "bc-aligner-warm"])
     assert cfg.experiment.seeds == [0, 1, 2] and cfg.experiment.alignment_weights == [1.0, 4.0] and cfg.experiment.methods == ["bc-aligner-warm"]
     with pytest.raises(ConfigError, match="--alignment-weights: 'a,b' is not a comma-separated list"):

@@ -81,6 +81,19 @@ class ConsumerOptions(Options):
     split_seed: int = 0
     layers: int = Field(default=1, ge=1, le=8, description="Hidden layers (the authors' MLP: 2).")
     batch_norm: bool = Field(default=False, description="BatchNorm after each hidden layer's linear map (the authors' MLP: true).")
+    select_on_next_version: list[str] = Field(
+        default_factory=list,
+        description="Tasks trained on every version-0 row, with hidden/dropout and the early stop chosen on version 1's rows "
+        "(the authors' rule for user-activity and user-positive-activity); their version-1 scores are left out of the averages.",
+    )
+
+    @field_validator("select_on_next_version")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("hidden", "seeds")
     @classmethod
@@ -400,12 +413,23 @@ class Consumer:
         return int(self.spec["in_dim"])
 
     @staticmethod
-    def fit(labels: TaskLabels, x: np.ndarray, *, options: ConsumerOptions | None = None) -> Consumer:
-        """Choose hidden/dropout by mean validation ROC-AUC over seeds; keep one model per seed."""
+    def fit(
+        labels: TaskLabels, x: np.ndarray, *, options: ConsumerOptions | None = None, validation: tuple[np.ndarray, np.ndarray, int] | None = None
+    ) -> Consumer:
+        """Choose hidden/dropout by mean validation ROC-AUC over seeds; keep one model per seed.
+
+        ``validation`` = (features, labels, version): choose and early-stop on these rows (another
+        version's, e.g. version 1 through the same embedding model) and train on every row of
+        ``labels``, all splits; ``spec["selected_on_version"]`` records it and ``test_auc`` is None.
+        """
         options = options or ConsumerOptions()
         y = labels.labels.astype(np.float32)
         split = np.asarray(labels.table.column("split").to_pylist())
-        parts = {s: (torch.from_numpy(np.ascontiguousarray(x[split == s], dtype=np.float32)), torch.from_numpy(y[split == s])) for s in SPLITS}
+        as_t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
+        parts = {s: (as_t(x[split == s], np.float32), torch.from_numpy(y[split == s])) for s in SPLITS}
+        if validation is not None:
+            parts["train"] = (as_t(x, np.float32), torch.from_numpy(y))
+            parts["val"] = (as_t(validation[0], np.float32), as_t(validation[1], np.float32))
         for s in ("train", "val"):
             yy = parts[s][1].numpy()
             if len(yy) == 0 or yy.min() == yy.max():
@@ -428,9 +452,13 @@ class Consumer:
                 "layers": options.layers, "batch_norm": options.batch_norm,
                 "grid": {f"hidden={k[0]},dropout={k[1]}": float(np.mean(v)) for k, v in scores.items()},
                 "recipe": options.model_dump(),
+                **({} if validation is None else {"selected_on_version": int(validation[2])}),
             },
             fitted[(h, p)],
         )  # fmt: skip
+        if validation is not None:  # every v0 row was trained on: nothing is held out
+            c.spec["test_auc"] = None
+            return c
         c.spec["test_auc"] = c.score(parts["test"][0].numpy(), parts["test"][1].numpy())["auc"]
         return c
 

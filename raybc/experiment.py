@@ -251,11 +251,15 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _train_consumers(ref_root: Storage, data, slice0, recipe: ConsumerOptions, echo) -> tuple[dict[str, RegisteredConsumer], dict[str, dict]]:
-    """The five consumers on fix-m0's v0 (registered once, reused on reruns)."""
+def _train_consumers(ref_root: Storage, data, slices, recipe: ConsumerOptions, echo) -> tuple[dict[str, RegisteredConsumer], dict[str, dict]]:
+    """The five consumers on fix-m0's v0 (registered once, reused on reruns). A task in
+    ``recipe.select_on_next_version`` trains on every v0 row and is chosen on v1's rows, read
+    through fix-m0's v1 (M_0 on the version-1 graph), which must be published."""
+    slice0 = slices[0]
     store = ConsumerStore(ref_root)
     reg = Registry(ref_root)
     emb = {e: read_version_embeddings(reg, 0, e) for e in ENTITIES}
+    emb1 = {e: read_version_embeddings(reg, 1, e) for e in ENTITIES} if recipe.select_on_next_version else None
     have = set(store.names())
     out, info = {}, {}
     skipped_path = "consumers/skipped.json"
@@ -276,7 +280,11 @@ def _train_consumers(ref_root: Storage, data, slice0, recipe: ConsumerOptions, e
         labels = build_labels(data, slice0, task, min_item_ratings=recipe.min_item_ratings, split_seed=recipe.split_seed)
         t0 = time.perf_counter()
         try:
-            c = Consumer.fit(labels, features(labels, emb, source="fix-m0 v0"), options=recipe)
+            validation = None
+            if task in recipe.select_on_next_version:
+                lab1 = build_labels(data, slices[1], task, min_item_ratings=recipe.min_item_ratings, split_seed=recipe.split_seed)
+                validation = (features(lab1, emb1, source="fix-m0 v1"), lab1.labels, 1)
+            c = Consumer.fit(labels, features(labels, emb, source="fix-m0 v0"), options=recipe, validation=validation)
             held = labels.split("test")
             auc = c.score(features(held, emb), held.labels)["auc"]
             if not auc > 0.5:
@@ -291,7 +299,9 @@ def _train_consumers(ref_root: Storage, data, slice0, recipe: ConsumerOptions, e
         info[task] = c.spec | {"baseline_auc": out[task].baseline_auc}
         echo(
             f"[raybc] consumer {task}: {labels.rows} rows, hidden {c.spec['hidden']} dropout {c.spec['dropout']}, "
-            f"val AUC {c.spec['val_auc']:.4f}, test AUC {out[task].baseline_auc:.4f} ({time.perf_counter() - t0:.1f} s)"
+            f"val AUC {c.spec['val_auc']:.4f}" + (" (on v1)" if validation is not None else "")
+            + f", test AUC {out[task].baseline_auc:.4f}" + (" (in-sample)" if validation is not None else "")
+            + f" ({time.perf_counter() - t0:.1f} s)"
         )
     return out, info
 
@@ -335,6 +345,8 @@ def _evaluate(
             rec["unintended"][task] = {"auc": float("nan"), "rows": labels.rows, "note": "single class"}
             continue
         rec["unintended"][task] = rc.consumer.score(features(labels, emb, source=f"{method} v{k} as v0"), labels.labels)
+        if "selected_on_version" in rc.consumer.spec:  # the report leaves versions up to it out of the averages
+            rec["unintended"][task]["selected_on_version"] = int(rc.consumer.spec["selected_on_version"])
     rec["evaluated_at"] = utc_now()
     return rec
 
@@ -453,9 +465,10 @@ def _run_seed(
                 donor = _model_donor_root(variant, k, roots, options.share_models)
                 fit_version(root, data, slices, version=k, options=train_opts[label], echo=echo, model_from=donor)
                 result.trained.append(f"{where}{label}/v{k}")
-            if label == COMPAT_REFERENCE and k == 0:
-                consumers, consumer_info = _train_consumers(root, data, slices[0], recipe, echo)
-                ref_v0 = {e: read_version_embeddings(reg, 0, e) for e in ENTITIES}
+        if label == COMPAT_REFERENCE:  # after its versions: consumers chosen on v1 read fix-m0's v1
+            consumers, consumer_info = _train_consumers(root, data, slices, recipe, echo)
+            ref_v0 = {e: read_version_embeddings(reg, 0, e) for e in ENTITIES}
+        for k in range(n):
             key = _fingerprint({"consumers": {t: c.consumer.spec for t, c in consumers.items()}, "recipe": recipe.model_dump(), "n": n})
             cache = f"eval/v{k}.json"
             if root.exists(cache):

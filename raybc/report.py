@@ -12,7 +12,9 @@ Numbers, per method and version k:
 same M_0 for every method, so it would only dilute the differences (raybc's basis). The paper's
 basis (the authors' ``analyze_all_results.ipynb``) is a ratio of means instead: intended = mean
 Recall@50 over versions 0..K relative to no-bc's mean; unintended = each task's ROC-AUC averaged
-over versions 1..K, then over tasks, relative to fix-m0's same mean. Both are reported.
+over versions 1..K, then over tasks, relative to fix-m0's same mean. Both are reported. A consumer
+chosen on version j's rows (``ConsumerOptions.select_on_next_version``) counts only from version
+j+1 on, in both bases (the authors score their user tasks from version 2).
 
 Several seeds (or lambda variants): ``seeds.csv`` holds one row per (seed, method) on both bases,
 ``seed_summary.csv`` their mean and standard deviation over seeds (n-1 denominator), and
@@ -89,8 +91,10 @@ def relative_rows(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> lis
             }
             rels = []
             for t in tasks:
-                auc = rec.get("unintended", {}).get(t, {}).get("auc", float("nan"))
-                rel = _rel(auc, ref_u.get(t, {}).get("auc"))
+                u = rec.get("unintended", {}).get(t, {})
+                auc = u.get("auc", float("nan"))
+                # a consumer chosen on version j's rows is not scored at versions <= j (left out of every mean)
+                rel = _rel(auc, ref_u.get(t, {}).get("auc")) if int(k) > int(u.get("selected_on_version", -1)) else float("nan")
                 r[f"auc:{t}"] = auc
                 r[f"auc_rel_pct:{t}"] = rel
                 rels.append(rel)
@@ -123,7 +127,11 @@ def paper_basis(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[
 
     def unintended_mean(m: str) -> float:
         per = records.get(m, {})
-        return _mean([_mean([float(per[k].get("unintended", {}).get(t, {}).get("auc", float("nan"))) for k in per if int(k) > 0]) for t in tasks])
+        def auc(k: Any, t: str) -> float:
+            u = per[k].get("unintended", {}).get(t, {})
+            return float(u.get("auc", float("nan"))) if int(k) > max(0, int(u.get("selected_on_version", 0))) else float("nan")
+
+        return _mean([_mean([auc(k, t) for k in per]) for t in tasks])
 
     ref_i, ref_u = intended_mean(INTENDED_REFERENCE), unintended_mean(COMPAT_REFERENCE)
     return {m: {"intended_paper_pct": _rel(intended_mean(m), ref_i), "unintended_paper_pct": _rel(unintended_mean(m), ref_u)} for m in records}

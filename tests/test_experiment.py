@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,24 @@ def test_report_arithmetic_on_hand_made_records(tmp_path):
     assert (tmp_path / "report" / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_consumer_chosen_on_version_1_counts_from_version_2_in_both_bases():
+    def rec(m, k, aucs):
+        r = _rec(m, k, 0.2, 0.2, aucs, 0.0)
+        r["unintended"]["u"]["selected_on_version"] = 1
+        return r
+
+    records = {
+        m: {0: rec(m, 0, {"a": 0.8, "u": 0.9}), 1: rec(m, 1, {"a": 0.8, "u": a1}), 2: rec(m, 2, {"a": 0.8, "u": a2})}
+        for m, a1, a2 in (("fix-m0", 0.9, 0.8), ("no-bc", 0.9, 0.8), ("bc-aligner", 0.45, 0.6))
+    }
+    by = {(r["method"], r["version"]): r for r in relative_rows(records)}
+    assert math.isnan(by[("bc-aligner", 1)]["auc_rel_pct:u"]) and by[("bc-aligner", 1)]["auc:u"] == 0.45  # shown, not averaged
+    assert by[("bc-aligner", 1)]["unintended_rel_pct"] == pytest.approx(0.0)  # task a only
+    assert by[("bc-aligner", 2)]["unintended_rel_pct"] == pytest.approx((0.0 - 25.0) / 2)
+    paper = paper_basis(records)  # u over v2 only: 0.6 against 0.8; a over v1-v2
+    assert paper["bc-aligner"]["unintended_paper_pct"] == pytest.approx(100 * ((0.8 + 0.6) / 2 / ((0.8 + 0.8) / 2) - 1))
+
+
 def test_seed_summary_is_the_mean_and_sample_std_of_the_seeds():
     records = lambda r50: {  # noqa: E731
         "fix-m0": {0: _rec("fix-m0", 0, 0.2, 0.2, {"a": 0.8}, 0.0), 1: _rec("fix-m0", 1, 0.1, 0.1, {"a": 0.8}, 0.0)},
@@ -252,11 +271,17 @@ def test_experiment_options_seeds_sweep_and_variants():
 @pytest.mark.cluster
 def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp_path, ray_session):
     out = tmp_path / "exp"
+    recipe = ConsumerOptions(hidden=[16], dropout=[0.0], seeds=[0, 1], epochs=60, min_item_ratings=3, select_on_next_version=["user-activity"])
     opts = ExperimentOptions(
         dataset="synthetic:300,150,6000", out=str(out), profile="quick", methods=["posthoc-lin-sloss", "bc-aligner-warm"],
-        seeds=[0, 1], alignment_weights=[4], sweep_seeds=[1],
+        seeds=[0, 1], alignment_weights=[4], sweep_seeds=[1], consumer=recipe,
     )  # fmt: skip
     r = run_experiment(opts, echo=lambda s: None)
+    # the user-activity consumer was chosen on v1 through fix-m0's v1: its v1 scores stay out of the averages
+    assert r.consumers_per_seed[1]["user-activity"]["selected_on_version"] == 1
+    assert "selected_on_version" not in r.consumers_per_seed[1]["binary-edge-rating"]
+    rows = {(x["method"], x["version"]): x for x in relative_rows(r.per_seed[1])}
+    assert math.isnan(rows[("bc-aligner-warm", 1)]["auc_rel_pct:user-activity"]) and math.isfinite(rows[("bc-aligner-warm", 2)]["auc_rel_pct:user-activity"])
     labels = ["fix-m0", "no-bc", "posthoc-lin-sloss", "bc-aligner-warm"]
     assert sorted(r.per_seed) == [0, 1] and list(r.per_seed[0]) == labels and list(r.per_seed[1]) == [*labels, "bc-aligner-warm.lambda4"]
     for s in (0, 1):
@@ -293,4 +318,4 @@ def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp
     assert again.trained == [] and again.evaluated == []
     # consumers trained with another recipe are never silently reused
     with pytest.raises(ConfigError, match="was trained with another recipe than this run's"):
-        run_experiment(opts.model_copy(update={"consumer": ConsumerOptions(hidden=[8], dropout=[0.0], seeds=[0], epochs=20, min_item_ratings=3)}), echo=lambda s: None)
+        run_experiment(opts.model_copy(update={"consumer": recipe.model_copy(update={"select_on_next_version": []})}), echo=lambda s: None)

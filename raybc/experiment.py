@@ -247,6 +247,16 @@ def _same_training(hyperparameters: dict[str, Any], options) -> bool:
         return False
 
 
+# ConsumerOptions fields added after evaluations were cached, at their default (the earlier
+# behaviour): left out of the cache key and the recipe comparison so those caches stay valid.
+RECIPE_FIELDS_ADDED = {"select_on_next_version": []}
+
+
+def recipe_key(recipe: ConsumerOptions) -> dict[str, Any]:
+    """The consumer recipe as it enters the evaluation cache key (see ``RECIPE_FIELDS_ADDED``)."""
+    return {k: v for k, v in recipe.model_dump().items() if not (k in RECIPE_FIELDS_ADDED and v == RECIPE_FIELDS_ADDED[k])}
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -267,10 +277,11 @@ def _train_consumers(ref_root: Storage, data, slices, recipe: ConsumerOptions, e
     for task in TASKS:
         if task in have:
             out[task] = store.load(task)
-            if out[task].consumer.spec.get("recipe") != recipe.model_dump():
+            stored = out[task].consumer.spec.get("recipe") or {}
+            if recipe_key(ConsumerOptions.model_validate(stored)) != recipe_key(recipe):  # fields it predates: their defaults
                 raise ConfigError([
                     f"consumer: {task} in {ref_root.uri('consumers')} was trained with another recipe than this run's "
-                    f"({out[task].consumer.spec.get('recipe')} vs {recipe.model_dump()}); use another --out, or the recipe it was trained with"
+                    f"({stored} vs {recipe.model_dump()}); use another --out, or the recipe it was trained with"
                 ])  # fmt: skip
             info[task] = out[task].consumer.spec | {"baseline_auc": out[task].baseline_auc}
             continue
@@ -469,7 +480,7 @@ def _run_seed(
             consumers, consumer_info = _train_consumers(root, data, slices, recipe, echo)
             ref_v0 = {e: read_version_embeddings(reg, 0, e) for e in ENTITIES}
         for k in range(n):
-            key = _fingerprint({"consumers": {t: c.consumer.spec for t, c in consumers.items()}, "recipe": recipe.model_dump(), "n": n})
+            key = _fingerprint({"consumers": {t: c.consumer.spec for t, c in consumers.items()}, "recipe": recipe_key(recipe), "n": n})
             cache = f"eval/v{k}.json"
             if root.exists(cache):
                 rec = root.read_json(cache)

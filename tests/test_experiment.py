@@ -319,3 +319,11 @@ def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp
     # consumers trained with another recipe are never silently reused
     with pytest.raises(ConfigError, match="was trained with another recipe than this run's"):
         run_experiment(opts.model_copy(update={"consumer": recipe.model_copy(update={"select_on_next_version": []})}), echo=lambda s: None)
+
+
+def test_recipe_fields_added_later_keep_earlier_caches_and_consumers_valid():
+    from raybc.experiment import RECIPE_FIELDS_ADDED, recipe_key
+
+    old_dump = {k: v for k, v in ConsumerOptions().model_dump().items() if k not in RECIPE_FIELDS_ADDED}  # a consumer trained before them
+    assert recipe_key(ConsumerOptions.model_validate(old_dump)) == recipe_key(ConsumerOptions()) == old_dump
+    assert recipe_key(ConsumerOptions(select_on_next_version=["user-activity"])) != old_dump

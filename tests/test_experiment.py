@@ -193,6 +193,10 @@ def test_shipped_experiment_config_validates():
     assert len(cfg.experiment.seeds) >= 3 and cfg.experiment.alignment_weights
     with pytest.raises(ConfigError, match="train.method is set per method"):
         load_options(ExperimentJobConfig, overrides={"experiment": {"train": {"method": "no-bc"}}})
+    paths = sorted((REPO / "jobs" / "configs").glob("experiment*.yaml"))
+    assert len(paths) >= 2
+    for p in paths:  # every shipped experiment config
+        assert set(load_options(ExperimentJobConfig, file=p).experiment.methods) <= set(METHODS), p
 
 
 def test_experiment_command_line_help_and_bad_flags():

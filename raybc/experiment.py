@@ -83,6 +83,10 @@ class ExperimentOptions(Options):
     sweep_seeds: list[int] | None = Field(default=None, description="Seeds that run the alignment_weights variants (default: every seed).")
     sweep_methods: list[str] | None = Field(default=None, description="Joint methods that run the alignment_weights variants (default: every one).")
     share_models: bool = Field(default=True, description="Train M_0 once per seed and the post-hoc methods' M_k as no-bc's, not again.")
+    seed_folders: bool | None = Field(
+        default=None, description="Roots in <out>/seed<s>/ (true) or <out>/ (false); default: with several seeds only. "
+        "true lets a run of some seeds add to a several-seed output."
+    )  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -363,8 +367,10 @@ def _evaluate(
 
 
 def seed_root(out: Storage, options: ExperimentOptions, seed: int) -> Storage:
-    """Where a seed's roots live: ``<out>`` with one seed, ``<out>/seed<s>`` with several."""
-    return out if len(options.seeds) == 1 else out.child(f"seed{seed}")
+    """Where a seed's roots live: ``<out>`` with one seed, ``<out>/seed<s>`` with several (or as
+    ``seed_folders`` says)."""
+    folders = len(options.seeds) > 1 if options.seed_folders is None else options.seed_folders
+    return out.child(f"seed{seed}") if folders else out
 
 
 def _model_donor_root(variant: Variant, k: int, roots: dict[str, Storage], share: bool) -> Storage | None:
@@ -439,7 +445,7 @@ def run_experiment(options: ExperimentOptions, *, ray_address: str | None = None
     }  # fmt: skip
     result.seconds = time.perf_counter() - t_start
     result.report_files = write_report(result, out.child("report"))
-    if len(options.seeds) > 1:  # each seed's own single-seed report beside its roots
+    if seed_root(out, options, options.seeds[0]) is not out:  # each seed's own single-seed report beside its roots
         from raybc.results import ExperimentResult as _R
 
         for s in options.seeds:

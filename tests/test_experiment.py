@@ -320,6 +320,9 @@ def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp
         assert (report / name).read_bytes().startswith(PNG_MAGIC)
     again = run_experiment(opts, echo=lambda s: None)
     assert again.trained == [] and again.evaluated == []
+    # one seed of a several-seed output, in its seed folder: nothing to redo
+    one = run_experiment(opts.model_copy(update={"seeds": [1], "seed_folders": True}), echo=lambda s: None)
+    assert one.trained == [] and one.evaluated == [] and list(one.per_seed) == [1]
     # consumers trained with another recipe are never silently reused
     with pytest.raises(ConfigError, match="was trained with another recipe than this run's"):
         run_experiment(opts.model_copy(update={"consumer": recipe.model_copy(update={"select_on_next_version": []})}), echo=lambda s: None)

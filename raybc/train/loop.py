@@ -36,7 +36,8 @@ META_FILE = "meta.json"
 SELECT_METRIC = "recall@50"
 SPLIT_SELECT_METRIC = "select_recall@50"
 # Negatives that are known positives are drawn again at most this many rounds (the authors redraw
-# until none is left; on MovieLens a round leaves ~6% of the previous round's hits).
+# until none is left). On MovieLens-100K 6.2-6.5% of user-uniform draws hit a known positive
+# (measured at v0 and v3), so each round leaves ~6% of the last: 50 rounds leave none in practice.
 NEGATIVE_REDRAWS = 50
 
 

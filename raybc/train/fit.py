@@ -278,8 +278,8 @@ def fit_version(
 
     ``model_from``: a root whose v<version> is this very M_k: trained by a method that trains M_k
     the same way (no-bc for the post-hoc methods, which align no-bc's models; any method at v0,
-    where every method but the fixed-dimension ones trains the same M_0) with the same options and
-    data. Its weights are taken instead of training them again; B_k is still derived here.
+    where every method trains the same M_0) with the same options (up to those that cannot act on
+    it, ``NOT_IN_UNALIGNED_TRAINING``) and data. Its weights are taken instead of training them again; B_k is still derived here.
     Refused (ConfigError) when the donor is not such a version.
     """
     registry = Registry(root)

@@ -146,13 +146,16 @@ def seed_rows(result: ExperimentResult) -> list[dict[str, Any]]:
     """One row per (seed, method or variant): both bases' numbers (averages over versions)."""
     out = []
     for seed, records in result.seeds().items():
-        summary = {s["method"]: s for s in summary_rows(relative_rows(records))}
+        rel = relative_rows(records)
+        summary = {s["method"]: s for s in summary_rows(rel)}
         paper = paper_basis(records)
         for label in records:
             v = result.variants.get(label, {})
             row = {"seed": seed, "method": label, "base_method": v.get("method", label), "alignment_weight": v.get("alignment_weight")}
             row.update({k: summary[label].get(k) for k in ("intended_rel_pct", "intended_last5_rel_pct", "unintended_rel_pct", "align_err_v0")})
             row.update(paper[label])
+            for t in tasks_of(records):  # each task's ROC-AUC vs fix-m0, mean over versions >= 1 (ours)
+                row[f"unintended_rel_pct:{t}"] = _mean([r[f"auc_rel_pct:{t}"] for r in rel if r["method"] == label and r["version"] > 0])
             out.append(row)
     return out
 
@@ -168,8 +171,9 @@ def seed_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for label in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == label]
         s: dict[str, Any] = {"method": label, "base_method": mine[0]["base_method"], "alignment_weight": mine[0]["alignment_weight"], "seeds": len(mine)}
-        for key in SEED_KEYS:
-            vals = [float(r[key]) if r[key] is not None else float("nan") for r in mine]
+        task_keys = [k for k in mine[0] if k.startswith("unintended_rel_pct:")]
+        for key in (*SEED_KEYS, *task_keys):
+            vals = [float(r[key]) if r.get(key) is not None else float("nan") for r in mine]
             s[key], s[key + "_std"] = _mean(vals), _sample_std(vals)
         out.append(s)
     return out
@@ -311,6 +315,12 @@ def seeds_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
             f"| {s['method']} | {lam} | {s['seeds']} | {cell('intended_rel_pct')} | {cell('intended_last5_rel_pct')} | {cell('unintended_rel_pct')} "
             f"| {cell('intended_paper_pct')} | {cell('unintended_paper_pct')} | {cell('align_err_v0', '.4f')} |"
         )
+    tasks = [k.split(":", 1)[1] for k in (summary[0] if summary else {}) if k.startswith("unintended_rel_pct:") and not k.endswith("_std")]
+    if tasks:
+        lines.extend(["", "Each task's ROC-AUC vs fix-m0 (%), mean over versions, then mean ± std over seeds:", "",
+                      "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)])  # fmt: skip
+        for s in summary:
+            lines.append(f"| {s['method']} | " + " | ".join(f"{_fmt(s['unintended_rel_pct:' + t])} ± {_fmt(s['unintended_rel_pct:' + t + '_std'], '.2f')}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -184,6 +184,7 @@ def test_seed_summary_is_the_mean_and_sample_std_of_the_seeds():
     assert summary["no-bc"]["intended_rel_pct_std"] == 0.0 and summary["no-bc"]["alignment_weight"] is None
     md = seeds_markdown(seed_summary(rows))
     assert "| bc-aligner | 16 | 3 | -10.00 ± 5.00 |" in md
+    assert summary["no-bc"]["unintended_rel_pct:a"] == pytest.approx(-50.0) and "| no-bc | -50.00 ± 0.00 |" in md  # per task
 
 
 def test_shipped_experiment_config_validates():

@@ -23,7 +23,7 @@ Seeds and the trade-off: ``seeds`` runs the whole protocol once per embedding-mo
 seed: roots in ``<out>/<method>/``; several: ``<out>/seed<s>/<method>/``, each seed with its own
 consumers, trained on that seed's fix-m0 v0). ``alignment_weights`` adds, for every method that
 trains M_k with a joint alignment loss, one variant per extra lambda, in its own root
-``<method>.lambda<v>`` (``sweep_seeds`` limits them to some seeds). ``share_models`` (default on)
+``<method>.lambda<v>`` (``sweeps`` gives them for some methods at some seeds). ``share_models`` (default on)
 trains each seed's M_0 once (fix-m0's, published under every other method) and the post-hoc
 methods' M_k once (no-bc's, as the paper aligns no-bc's models) instead of training identical
 models again.
@@ -78,10 +78,11 @@ class ExperimentOptions(Options):
     consumer: ConsumerOptions | None = Field(default=None, description="The consumer recipe; default the profile's.")
     seeds: list[int] = Field(default=[0], description="Embedding-model seeds; several: <out>/seed<s>/ each, mean ± std in the report.")
     alignment_weights: list[float] = Field(
-        default_factory=list, description="Extra lambdas for every joint method (the trade-off curve); each its own root <method>.lambda<v>."
+        default_factory=list, description="Extra lambdas for every joint method and seed (the trade-off curve); each its own root <method>.lambda<v>."
     )
-    sweep_seeds: list[int] | None = Field(default=None, description="Seeds that run the alignment_weights variants (default: every seed).")
-    sweep_methods: list[str] | None = Field(default=None, description="Joint methods that run the alignment_weights variants (default: every one).")
+    sweeps: list[Sweep] = Field(
+        default_factory=list, description="Extra lambdas for some joint methods at some seeds (the budget's form of alignment_weights)."
+    )
     share_models: bool = Field(default=True, description="Train M_0 once per seed and the post-hoc methods' M_k as no-bc's, not again.")
     seed_folders: bool | None = Field(
         default=None, description="Roots in <out>/seed<s>/ (true) or <out>/ (false); default: with several seeds only. "
@@ -109,19 +110,17 @@ class ExperimentOptions(Options):
     @field_validator("alignment_weights")
     @classmethod
     def _weights(cls, v: list[float]) -> list[float]:
-        if any(w < 0 for w in v):
-            raise ValueError(f"lambdas must be >= 0, got {v}")
-        return list(dict.fromkeys(float(w) for w in v))
+        return _lambdas(v)
 
     @model_validator(mode="after")
     def _sweep(self) -> ExperimentOptions:
-        if self.sweep_seeds is not None and not set(self.sweep_seeds) <= set(self.seeds):
-            raise ValueError(f"sweep_seeds {self.sweep_seeds} must be among seeds {self.seeds}")
-        if self.sweep_methods is not None:
-            bad = [m for m in self.sweep_methods if m not in self.all_methods() or not get_method(m).aligns_jointly]
+        joint = [m for m in self.all_methods() if get_method(m).aligns_jointly]
+        for j, sw in enumerate(self.sweeps):
+            if sw.seeds is not None and not set(sw.seeds) <= set(self.seeds):
+                raise ValueError(f"sweeps[{j}].seeds {sw.seeds} must be among seeds {self.seeds}")
+            bad = [m for m in sw.methods or [] if m not in joint]
             if bad:
-                joint = [m for m in self.all_methods() if get_method(m).aligns_jointly]
-                raise ValueError(f"sweep_methods {bad}: a lambda sweep needs a joint method of this run; choose from {joint}")
+                raise ValueError(f"sweeps[{j}].methods {bad}: a lambda sweep needs a joint method of this run; choose from {joint}")
         return self
 
     @property
@@ -154,14 +153,38 @@ class ExperimentOptions(Options):
 
         base = float(self.train.get("alignment_weight", TrainOptions.model_fields["alignment_weight"].default))
         out = {m: Variant(m, m, None) for m in self.all_methods()}
-        if self.sweep_seeds is None or seed in self.sweep_seeds:
+        for sw in [Sweep(alignment_weights=self.alignment_weights), *self.sweeps]:
+            if sw.seeds is not None and seed not in sw.seeds:
+                continue
             for m in self.all_methods():
-                if get_method(m).aligns_jointly and (self.sweep_methods is None or m in self.sweep_methods):
-                    for w in self.alignment_weights:
+                if get_method(m).aligns_jointly and (sw.methods is None or m in sw.methods):
+                    for w in sw.alignment_weights:
                         if w != base:  # the profile's own lambda is the method itself
                             label = f"{m}.lambda{w:g}"
                             out[label] = Variant(label, m, w)
         return out
+
+
+def _lambdas(v: list[float]) -> list[float]:
+    if any(w < 0 for w in v):
+        raise ValueError(f"lambdas must be >= 0, got {v}")
+    return list(dict.fromkeys(float(w) for w in v))
+
+
+class Sweep(Options):
+    """Extra lambdas for some joint methods at some seeds: one root ``<method>.lambda<v>`` each."""
+
+    alignment_weights: list[float] = Field(description="The extra lambdas (the profile's own is the method itself).")
+    methods: list[str] | None = Field(default=None, description="Joint methods of the run (default: every one).")
+    seeds: list[int] | None = Field(default=None, description="Seeds of the run (default: every one).")
+
+    @field_validator("alignment_weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        return _lambdas(v)
+
+
+ExperimentOptions.model_rebuild()  # Sweep is defined after it
 
 
 @dataclass(frozen=True)
@@ -511,4 +534,4 @@ def _run_seed(
     return records, consumer_info
 
 
-__all__ = ["ExperimentOptions", "ExperimentResult", "Variant", "committed_run", "seed_root", "profile_consumer_options", "profile_train_options", "read_compatible", "run_experiment"]
+__all__ = ["ExperimentOptions", "ExperimentResult", "Sweep", "Variant", "committed_run", "seed_root", "profile_consumer_options", "profile_train_options", "read_compatible", "run_experiment"]

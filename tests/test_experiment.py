@@ -191,11 +191,12 @@ def test_shipped_experiment_config_validates():
     cfg = load_options(ExperimentJobConfig, file=REPO / "jobs" / "configs" / "experiment-movielens.yaml")
     assert cfg.experiment.profile == "full" and cfg.experiment.out == "runs/ml100k-seeds"
     assert set(cfg.experiment.all_methods()) == set(METHODS)
-    assert len(cfg.experiment.seeds) >= 3 and cfg.experiment.alignment_weights
+    assert len(cfg.experiment.seeds) >= 3 and cfg.experiment.sweeps
     with pytest.raises(ConfigError, match="train.method is set per method"):
         load_options(ExperimentJobConfig, overrides={"experiment": {"train": {"method": "no-bc"}}})
     paths = sorted((REPO / "jobs" / "configs").glob("experiment*.yaml"))
     assert len(paths) >= 2
+    paths += sorted((REPO / "docs" / "results" / "configs").glob("*.yaml"))  # the stages docs/results.md ran
     for p in paths:  # every shipped experiment config
         assert set(load_options(ExperimentJobConfig, file=p).experiment.methods) <= set(METHODS), p
 
@@ -252,20 +253,24 @@ def test_experiment_options_seeds_sweep_and_variants():
         ExperimentOptions(seed=3, seeds=[1, 2])
     with pytest.raises(ValidationError, match="distinct seeds"):
         ExperimentOptions(seeds=[1, 1])
-    with pytest.raises(ValidationError, match=r"sweep_seeds \[5\] must be among seeds"):
-        ExperimentOptions(seeds=[0, 1], sweep_seeds=[5])
+    with pytest.raises(ValidationError, match=r"sweeps\[0\].seeds \[5\] must be among seeds"):
+        ExperimentOptions(seeds=[0, 1], sweeps=[{"alignment_weights": [4], "seeds": [5]}])
+    with pytest.raises(ValidationError, match="extra"):
+        ExperimentOptions(sweeps=[{"alignment_weights": [4], "seed": [0]}])
     with pytest.raises(ValidationError, match="extra"):
         ExperimentOptions(seeeds=[0])
-    o = ExperimentOptions(methods=["bc-aligner", "posthoc-lin-sloss", "bc-aligner-warm"], seeds=[0, 1], alignment_weights=[1, 16, 64], sweep_seeds=[1])
+    o = ExperimentOptions(methods=["bc-aligner", "posthoc-lin-sloss", "bc-aligner-warm"], seeds=[0, 1], sweeps=[{"alignment_weights": [1, 16, 64], "seeds": [1]}])
     assert list(o.variants(0)) == ["fix-m0", "no-bc", "bc-aligner", "posthoc-lin-sloss", "bc-aligner-warm"]
     sweep = {k: v for k, v in o.variants(1).items() if v.alignment_weight is not None}
     # every joint method at every extra lambda; 16 (the profile's) is the method itself; post-hoc has no lambda
     assert sorted(sweep) == sorted(f"{m}.lambda{w}" for m in ("bc-aligner", "bc-aligner-warm") for w in (1, 64))
     assert sweep["bc-aligner.lambda64"].method == "bc-aligner" and sweep["bc-aligner.lambda64"].alignment_weight == 64.0
-    only = ExperimentOptions(methods=["bc-aligner", "bc-aligner-warm"], alignment_weights=[4], sweep_methods=["bc-aligner-warm"])
+    only = ExperimentOptions(methods=["bc-aligner", "bc-aligner-warm"], seeds=[0, 1], sweeps=[
+        {"alignment_weights": [4], "methods": ["bc-aligner-warm"]}, {"alignment_weights": [1], "methods": ["bc-aligner"], "seeds": [1]}])  # fmt: skip
     assert [k for k, v in only.variants(0).items() if v.alignment_weight is not None] == ["bc-aligner-warm.lambda4"]
-    with pytest.raises(ValidationError, match=r"sweep_methods \['no-bc'\]: a lambda sweep needs a joint method"):
-        ExperimentOptions(methods=["bc-aligner"], alignment_weights=[4], sweep_methods=["no-bc"])
+    assert [k for k, v in only.variants(1).items() if v.alignment_weight is not None] == ["bc-aligner-warm.lambda4", "bc-aligner.lambda1"]
+    with pytest.raises(ValidationError, match=r"sweeps\[0\].methods \['no-bc'\]: a lambda sweep needs a joint method"):
+        ExperimentOptions(methods=["bc-aligner"], sweeps=[{"alignment_weights": [4], "methods": ["no-bc"]}])
     cfg = experiment_config(["--seeds", "0,1,2", "--alignment-weights", "1,4", "--methods", "bc-aligner-warm"])
     assert cfg.experiment.seeds == [0, 1, 2] and cfg.experiment.alignment_weights == [1.0, 4.0] and cfg.experiment.methods == ["bc-aligner-warm"]
     with pytest.raises(ConfigError, match="--alignment-weights: 'a,b' is not a comma-separated list"):
@@ -279,7 +284,7 @@ def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp
     recipe = ConsumerOptions(hidden=[16], dropout=[0.0], seeds=[0, 1], epochs=60, min_item_ratings=3, select_on_next_version=["user-activity"])
     opts = ExperimentOptions(
         dataset="synthetic:300,150,6000", out=str(out), profile="quick", methods=["posthoc-lin-sloss", "bc-aligner-warm"],
-        seeds=[0, 1], alignment_weights=[4], sweep_seeds=[1], consumer=recipe,
+        seeds=[0, 1], sweeps=[{"alignment_weights": [4], "seeds": [1]}], consumer=recipe,
     )  # fmt: skip
     r = run_experiment(opts, echo=lambda s: None)
     # the user-activity consumer was chosen on v1 through fix-m0's v1: its v1 scores stay out of the averages

@@ -171,7 +171,7 @@ def seed_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for label in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == label]
         s: dict[str, Any] = {"method": label, "base_method": mine[0]["base_method"], "alignment_weight": mine[0]["alignment_weight"], "seeds": len(mine)}
-        task_keys = [k for k in mine[0] if k.startswith("unintended_rel_pct:")]
+        task_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("unintended_rel_pct:")))  # seeds may skip a task
         for key in (*SEED_KEYS, *task_keys):
             vals = [float(r[key]) if r.get(key) is not None else float("nan") for r in mine]
             s[key], s[key + "_std"] = _mean(vals), _sample_std(vals)

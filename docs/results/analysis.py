@@ -5,6 +5,7 @@ finished run's registries and evaluation records (nothing is trained; read-only)
     python docs/results/analysis.py checks     runs/ml100k-seeds   # §3: Recall@50 averaged over every check from epoch 50
     python docs/results/analysis.py noise      runs/ml100k-seeds   # §2: check-to-check sd of the selection half's Recall@50
     python docs/results/analysis.py refit      runs/ml100k-seeds   # §5: alignment error to v0 with least-squares B's
+    python docs/results/analysis.py single-step runs/ml100k-seeds  # §5: learned B_k against least squares, one step
     python docs/results/analysis.py posthoc    runs/ml100k-seeds   # §1: post-hoc B's error against the least-squares optimum
     python docs/results/analysis.py fit-times  runs/ml100k-seeds   # §6: fit seconds per method and version
 
@@ -134,6 +135,26 @@ def refit(run: str) -> None:
             print(f"  seed {s} {m:22} published / least squares: " + " | ".join(cells))
 
 
+def single_step(run: str) -> None:
+    print("Single-step error to v<k-1> on version k's graph: the jointly learned B_k / least squares on the same M_k, M_{k-1}:")
+    data = load_dataset("movielens-100k")
+    slices = temporal_versions(data)
+    seeds, _ = seeds_and_methods(run)
+    for m in ("bc-aligner", "bc-aligner-warm"):
+        for s in seeds:
+            reg = Registry(f"{run}/seed{s}/{m}")
+            cells = []
+            for k in VERSIONS:
+                z = _embeddings(reg, k, data, slices[k])
+                b_ls = least_squares_aligner(z[k], z[k - 1])
+                e_ls = alignment_error(torch.from_numpy(z[k].numpy() @ b_ls.T), z[k - 1])
+                learned = reg.get(k).metrics.get("joint_aligner_err_prev")  # bc-aligner-warm publishes the refit, records the learned one
+                if learned is None:
+                    learned = alignment_error(torch.from_numpy(z[k].numpy() @ np.asarray(reg.aligner(k).weight, np.float32).T), z[k - 1])
+                cells.append(f"v{k} {learned:.4f} / {e_ls:.4f}")
+            print(f"  {m:16} seed {s}: " + " | ".join(cells))
+
+
 def posthoc(run: str) -> None:
     print("Post-hoc B_k (500 Adam steps) against the least-squares B_k: single-step error to v<k-1> on version k's graph:")
     data = load_dataset("movielens-100k")
@@ -163,7 +184,7 @@ def fit_times(run: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"optimism": optimism, "checks": checks, "noise": noise, "refit": refit, "posthoc": posthoc, "fit-times": fit_times}
+    commands = {"optimism": optimism, "checks": checks, "noise": noise, "refit": refit, "single-step": single_step, "posthoc": posthoc, "fit-times": fit_times}
     if len(sys.argv) != 3 or sys.argv[1] not in commands:
         sys.exit(f"usage: python docs/results/analysis.py {{{'|'.join(commands)}}} RUN_FOLDER")
     commands[sys.argv[1]](sys.argv[2])

@@ -40,7 +40,7 @@ def _int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError([f"{flag}: expected comma-separated version numbers like 0,1,2, got {text!r}"]) from None
+        raise ConfigError([f"{flag}: expected comma-separated integers like 0,1,2, got {text!r}"]) from None
 
 
 def _entities(values: list[str] | None) -> list[str] | None:
@@ -610,6 +610,8 @@ def experiment_parser(prog: str = "raybc experiment") -> argparse.ArgumentParser
     p.add_argument("--out", help="output folder: <out>/<method>/ roots and <out>/report/")
     p.add_argument("--profile", choices=["quick", "full"], help="full: the protocol at CPU scale; quick: a smoke run")
     p.add_argument("--versions", type=int, help="versions to run (default: all, or 3 with --profile quick)")
+    p.add_argument("--seeds", help="embedding-model seeds, comma-separated (default 0); several: <out>/seed<s>/, mean ± std")
+    p.add_argument("--alignment-weights", help="extra lambdas for every joint method, comma-separated (the trade-off curve)")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a new local Ray)")
     p.add_argument("--summary-json", help="also write what the run did as JSON to this local file (- for stdout)")
     return p
@@ -623,6 +625,13 @@ def experiment_config(argv: Sequence[str], prog: str = "raybc experiment"):
     exp.update(_given(a, "dataset", "out", "profile", "versions"))
     if a.methods is not None:
         exp["methods"] = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if a.seeds is not None:
+        exp["seeds"] = _int_list("--seeds", a.seeds)
+    if a.alignment_weights is not None:
+        try:
+            exp["alignment_weights"] = [float(x) for x in a.alignment_weights.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError([f"--alignment-weights: {a.alignment_weights!r} is not a comma-separated list of numbers, e.g. 1,4,64"]) from None
     over: dict[str, Any] = {"experiment": exp} if exp else {}
     over.update(_given(a, "ray_address", "summary_json"))
     return load_options(ExperimentJobConfig, file=a.config, overrides=over)

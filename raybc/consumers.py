@@ -79,6 +79,21 @@ class ConsumerOptions(Options):
     weight_decay: float = Field(default=1e-4, ge=0)
     min_item_ratings: int = Field(default=MIN_ITEM_RATINGS, ge=1)
     split_seed: int = 0
+    layers: int = Field(default=1, ge=1, le=8, description="Hidden layers (the authors' MLP: 2).")
+    batch_norm: bool = Field(default=False, description="BatchNorm after each hidden layer's linear map (the authors' MLP: true).")
+    select_on_next_version: list[str] = Field(
+        default_factory=list,
+        description="Tasks trained on every version-0 row, with hidden/dropout and the early stop chosen on version 1's rows "
+        "(the authors' rule for user-activity and user-positive-activity); their version-1 scores are left out of the averages.",
+    )
+
+    @field_validator("select_on_next_version")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("hidden", "seeds")
     @classmethod
@@ -314,23 +329,37 @@ def features(labels: TaskLabels, embeddings: Mapping[str, pa.Table], *, source: 
 
 
 class _MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, dropout: float):
+    """Standardise -> [linear (-> BatchNorm) -> ReLU -> dropout] x layers -> logit.
+
+    One layer without BatchNorm is raybc's first consumer (tensor names fc1/fc2 unchanged); the
+    authors' ``recsys/models/mlp.py`` is two layers with BatchNorm (here each hidden layer also gets
+    the ReLU the authors' second layer lacks).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, dropout: float, *, layers: int = 1, batch_norm: bool = False):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         self.fc1 = nn.Linear(in_dim, hidden)
+        self.more = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in range(layers if batch_norm else 0))
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, in_dim) -> (n,) logits
-        h = torch.relu(self.fc1((x - self.mean) / self.std))
+        h = (x - self.mean) / self.std
+        for j, lin in enumerate([self.fc1, *self.more]):
+            h = lin(h)
+            if self.norms:
+                h = self.norms[j](h)
+            h = self.drop(torch.relu(h)) if j < len(self.more) else torch.relu(h)
         return self.fc2(self.drop(h)).squeeze(-1)
 
 
 def _fit_one(x_tr, y_tr, x_va, y_va, *, hidden: int, dropout: float, seed: int, options: ConsumerOptions) -> tuple[_MLP, float]:
     """Full-batch Adam with BCE; keeps the weights of the best validation ROC-AUC check."""
     torch.manual_seed(seed)
-    m = _MLP(x_tr.shape[1], hidden, dropout)
+    m = _MLP(x_tr.shape[1], hidden, dropout, layers=options.layers, batch_norm=options.batch_norm)
     mean = x_tr.mean(0)
     m.mean.copy_(mean)
     m.std.copy_(x_tr.std(0).clamp_min(1e-6))
@@ -384,12 +413,23 @@ class Consumer:
         return int(self.spec["in_dim"])
 
     @staticmethod
-    def fit(labels: TaskLabels, x: np.ndarray, *, options: ConsumerOptions | None = None) -> Consumer:
-        """Choose hidden/dropout by mean validation ROC-AUC over seeds; keep one model per seed."""
+    def fit(
+        labels: TaskLabels, x: np.ndarray, *, options: ConsumerOptions | None = None, validation: tuple[np.ndarray, np.ndarray, int] | None = None
+    ) -> Consumer:
+        """Choose hidden/dropout by mean validation ROC-AUC over seeds; keep one model per seed.
+
+        ``validation`` = (features, labels, version): choose and early-stop on these rows (another
+        version's, e.g. version 1 through the same embedding model) and train on every row of
+        ``labels``, all splits; ``spec["selected_on_version"]`` records it and ``test_auc`` is None.
+        """
         options = options or ConsumerOptions()
         y = labels.labels.astype(np.float32)
         split = np.asarray(labels.table.column("split").to_pylist())
-        parts = {s: (torch.from_numpy(np.ascontiguousarray(x[split == s], dtype=np.float32)), torch.from_numpy(y[split == s])) for s in SPLITS}
+        as_t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
+        parts = {s: (as_t(x[split == s], np.float32), torch.from_numpy(y[split == s])) for s in SPLITS}
+        if validation is not None:
+            parts["train"] = (as_t(x, np.float32), torch.from_numpy(y))
+            parts["val"] = (as_t(validation[0], np.float32), as_t(validation[1], np.float32))
         for s in ("train", "val"):
             yy = parts[s][1].numpy()
             if len(yy) == 0 or yy.min() == yy.max():
@@ -409,11 +449,16 @@ class Consumer:
             {
                 "task": labels.task, "kind": labels.kind, "version": labels.version, "in_dim": int(x.shape[1]),
                 "hidden": h, "dropout": p, "seeds": list(options.seeds), "val_auc": float(np.mean(scores[(h, p)])),
+                "layers": options.layers, "batch_norm": options.batch_norm,
                 "grid": {f"hidden={k[0]},dropout={k[1]}": float(np.mean(v)) for k, v in scores.items()},
                 "recipe": options.model_dump(),
+                **({} if validation is None else {"selected_on_version": int(validation[2])}),
             },
             fitted[(h, p)],
         )  # fmt: skip
+        if validation is not None:  # every v0 row was trained on: nothing is held out
+            c.spec["test_auc"] = None
+            return c
         c.spec["test_auc"] = c.score(parts["test"][0].numpy(), parts["test"][1].numpy())["auc"]
         return c
 
@@ -445,7 +490,7 @@ class Consumer:
     def from_tensors(spec: dict, tensors: Mapping[str, np.ndarray]) -> Consumer:
         models = []
         for i in range(len(spec["seeds"])):
-            m = _MLP(int(spec["in_dim"]), int(spec["hidden"]), float(spec["dropout"]))
+            m = _MLP(int(spec["in_dim"]), int(spec["hidden"]), float(spec["dropout"]), layers=int(spec.get("layers", 1)), batch_norm=bool(spec.get("batch_norm", False)))
             state = {k[len(f"seed{i}.") :]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith(f"seed{i}.")}
             m.load_state_dict(state)
             m.eval()

@@ -26,6 +26,15 @@ class ExperimentResult:
     evaluated: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report_files: list[str] = field(default_factory=list)
+    # several seeds: seed -> the ``records`` of that seed (``records`` is the first seed's)
+    per_seed: dict[int, dict[str, dict[int, dict[str, Any]]]] = field(default_factory=dict)
+    consumers_per_seed: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # root name -> {"method": the method it runs, "alignment_weight": its lambda}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def seeds(self) -> dict[int, dict[str, dict[int, dict[str, Any]]]]:
+        """Every seed's records (one seed, ``records`` alone, when ``per_seed`` is empty)."""
+        return self.per_seed or {0: self.records}
 
 
 __all__ = ["ExperimentResult"]

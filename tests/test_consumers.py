@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from raybc.consumers import TASKS, Consumer, ConsumerOptions, build_all_labels, build_labels, features, roc_auc, window_edges
 from raybc.data.interactions import build_interactions, synthetic_interactions
@@ -110,3 +111,51 @@ def test_consumer_learns_a_planted_signal_and_round_trips(tmp_path):
         c.predict(x[:, :4])
     with pytest.raises(InputDataError, match="user id.*first: 100"):
         features(labels, {"users": make_table(ids[1:], z[1:])})
+
+
+def _planted(n=400, d=6, seed=0):
+    from raybc.consumers import TaskLabels
+
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, d)).astype(np.float32)
+    y = (z[:, 0] + 0.3 * rng.normal(size=n) > 0).astype(np.int8)
+    split = np.where(np.arange(n) % 5 == 0, "test", np.where(np.arange(n) % 5 == 1, "val", "train"))
+    return TaskLabels("user-activity", 0, pa.table({"id": np.arange(n), "label": y, "split": split})), z, y
+
+
+def test_the_authors_deeper_mlp_with_batchnorm_learns_and_round_trips():
+    from safetensors.numpy import load, save
+
+    labels, z, y = _planted()
+    opts = ConsumerOptions(hidden=[16], dropout=[0.25], seeds=[0, 1], epochs=60, layers=2, batch_norm=True)
+    c = Consumer.fit(labels, z, options=opts)
+    assert c.spec["layers"] == 2 and c.spec["batch_norm"] is True and c.spec["test_auc"] > 0.85
+    assert len(c.models[0].more) == 1 and len(c.models[0].norms) == 2
+    back = Consumer.from_tensors(dict(c.spec), load(save(c.tensors())))
+    np.testing.assert_allclose(back.predict(z), c.predict(z), rtol=0, atol=0)
+    before = back.predict(z)
+    with torch.no_grad():
+        back.models[0].norms[0].running_mean += 5.0  # the BatchNorm statistics take part in the prediction
+    assert np.abs(back.predict(z)[0] - before[0]).max() > 1e-3 and np.array_equal(back.predict(z)[1], before[1])
+    one = Consumer.fit(labels, z, options=ConsumerOptions(hidden=[16], dropout=[0.0], seeds=[0], epochs=20))
+    assert sorted(k.split(".", 1)[1] for k in one.tensors()) == sorted(["mean", "std", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"])
+
+
+def test_a_consumer_chosen_on_another_versions_rows_trains_on_every_row():
+    from raybc.consumers import TaskLabels
+
+    labels, z, y = _planted()
+    # splits of one class each (train: the positives, val and test: the negatives): the ordinary fit cannot train ...
+    split = np.where(y == 1, "train", np.where(np.arange(len(y)) % 2 == 0, "val", "test"))
+    t = labels.table
+    odd = TaskLabels("user-activity", 0, t.set_column(t.schema.get_field_index("split"), "split", pa.array(split)))
+    opts = ConsumerOptions(hidden=[8, 16], dropout=[0.0], seeds=[0], epochs=40)
+    with pytest.raises(InputDataError, match="the train split has .* rows of a single class"):
+        Consumer.fit(odd, z, options=opts)
+    # ... chosen on other rows (version 1's), it trains on every row, both classes, and records where it was chosen
+    _, z1, y1 = _planted(seed=1)
+    c = Consumer.fit(odd, z, options=opts, validation=(z1, y1, 1))
+    assert c.spec["selected_on_version"] == 1 and c.spec["test_auc"] is None
+    assert c.spec["val_auc"] == pytest.approx(max(c.spec["grid"].values())) and c.score(z1, y1)["auc"] > 0.85
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
+        ConsumerOptions(select_on_next_version=["nope"])

@@ -7,17 +7,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from raybc.config import ExperimentJobConfig
+from raybc.consumers import ConsumerOptions
 from raybc.errors import ConfigError
 from raybc.experiment import ExperimentOptions, committed_run, read_compatible, run_experiment
 from raybc.options import load_options
 from raybc.registry import Registry
-from raybc.report import relative_rows, summary_rows, write_report
+from raybc.report import paper_basis, relative_rows, seed_rows, seed_summary, seeds_markdown, summary_rows, write_report
 from raybc.results import ExperimentResult
 from raybc.snapshots import Snapshots
 from raybc.storage import Storage
@@ -127,18 +129,76 @@ def test_report_arithmetic_on_hand_made_records(tmp_path):
     assert summary["bc-aligner"]["unintended_rel_pct"] == pytest.approx(-2.5)
     result = ExperimentResult(out="x", dataset="hand", methods=list(records), versions=2, records=records, consumers={"a": {"skipped": "few rows"}})
     files = write_report(result, Storage(str(tmp_path / "report")))
-    assert len(files) == 7
+    assert sorted(f.rsplit("/", 1)[1] for f in files) == sorted([
+        "results.md", "results.csv", "summary.csv", "seeds.csv", "seed_summary.csv", "intended.png", "unintended.png",
+        "alignment.png", "unintended_tasks.png", "tradeoff.png", "tradeoff-paper.png",
+    ])  # fmt: skip
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| bc-aligner | -5.00 ± 0.00 | -20.00 ± 0.00 | -2.50 ± 0.00 | 0.0100 |" in md
     assert "skipped: few rows" in md
+    # the paper's basis: ratios of means. Intended over v0..v1: bc-aligner (0.2 + 0.19) / 2 against
+    # no-bc (0.2 + 0.2) / 2; unintended over v1: mean AUC of the tasks (0.76 + 0.5) / 2 against fix-m0's (0.8 + 0.5) / 2
+    paper = paper_basis(records)
+    assert paper["bc-aligner"]["intended_paper_pct"] == pytest.approx(100 * (0.195 / 0.2 - 1))
+    assert paper["bc-aligner"]["unintended_paper_pct"] == pytest.approx(100 * (0.63 / 0.65 - 1))
+    assert paper["fix-m0"]["intended_paper_pct"] == pytest.approx(100 * (0.15 / 0.2 - 1))  # ours: -50 at v1
+    assert (tmp_path / "report" / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_consumer_chosen_on_version_1_counts_from_version_2_in_both_bases():
+    def rec(m, k, aucs):
+        r = _rec(m, k, 0.2, 0.2, aucs, 0.0)
+        r["unintended"]["u"]["selected_on_version"] = 1
+        return r
+
+    records = {
+        m: {0: rec(m, 0, {"a": 0.8, "u": 0.9}), 1: rec(m, 1, {"a": 0.8, "u": a1}), 2: rec(m, 2, {"a": 0.8, "u": a2})}
+        for m, a1, a2 in (("fix-m0", 0.9, 0.8), ("no-bc", 0.9, 0.8), ("bc-aligner", 0.45, 0.6))
+    }
+    by = {(r["method"], r["version"]): r for r in relative_rows(records)}
+    assert math.isnan(by[("bc-aligner", 1)]["auc_rel_pct:u"]) and by[("bc-aligner", 1)]["auc:u"] == 0.45  # shown, not averaged
+    assert by[("bc-aligner", 1)]["unintended_rel_pct"] == pytest.approx(0.0)  # task a only
+    assert by[("bc-aligner", 2)]["unintended_rel_pct"] == pytest.approx((0.0 - 25.0) / 2)
+    paper = paper_basis(records)  # u over v2 only: 0.6 against 0.8; a over v1-v2
+    assert paper["bc-aligner"]["unintended_paper_pct"] == pytest.approx(100 * ((0.8 + 0.6) / 2 / ((0.8 + 0.8) / 2) - 1))
+
+
+def test_seed_summary_is_the_mean_and_sample_std_of_the_seeds():
+    records = lambda r50: {  # noqa: E731
+        "fix-m0": {0: _rec("fix-m0", 0, 0.2, 0.2, {"a": 0.8}, 0.0), 1: _rec("fix-m0", 1, 0.1, 0.1, {"a": 0.8}, 0.0)},
+        "no-bc": {0: _rec("no-bc", 0, 0.2, 0.2, {"a": 0.8}, 0.0), 1: _rec("no-bc", 1, 0.2, 0.2, {"a": 0.4}, 1.5)},
+        "bc-aligner": {0: _rec("bc-aligner", 0, 0.2, 0.2, {"a": 0.8}, 0.0), 1: _rec("bc-aligner", 1, r50, 0.2, {"a": 0.8}, 0.01)},
+    }
+    per_seed = {0: records(0.19), 1: records(0.17), 2: records(0.18)}
+    variants = {"bc-aligner": {"method": "bc-aligner", "alignment_weight": 16.0}}
+    result = ExperimentResult(out="x", dataset="hand", methods=["fix-m0", "no-bc", "bc-aligner"], versions=2, records=per_seed[0],
+                              consumers={}, per_seed=per_seed, variants=variants)  # fmt: skip
+    rows = seed_rows(result)
+    assert len(rows) == 9 and {r["seed"] for r in rows} == {0, 1, 2}
+    mine = {r["seed"]: r for r in rows if r["method"] == "bc-aligner"}
+    assert [mine[s]["intended_rel_pct"] for s in (0, 1, 2)] == pytest.approx([-5.0, -15.0, -10.0])
+    summary = {s["method"]: s for s in seed_summary(rows)}
+    assert summary["bc-aligner"]["seeds"] == 3 and summary["bc-aligner"]["alignment_weight"] == 16.0
+    assert summary["bc-aligner"]["intended_rel_pct"] == pytest.approx(-10.0)
+    assert summary["bc-aligner"]["intended_rel_pct_std"] == pytest.approx(5.0)  # n-1: sqrt((25 + 25 + 0) / 2)
+    assert summary["no-bc"]["intended_rel_pct_std"] == 0.0 and summary["no-bc"]["alignment_weight"] is None
+    md = seeds_markdown(seed_summary(rows))
+    assert "| bc-aligner | 16 | 3 | -10.00 ± 5.00 |" in md
+    assert summary["no-bc"]["unintended_rel_pct:a"] == pytest.approx(-50.0) and "| no-bc | -50.00 ± 0.00 |" in md  # per task
 
 
 def test_shipped_experiment_config_validates():
     cfg = load_options(ExperimentJobConfig, file=REPO / "jobs" / "configs" / "experiment-movielens.yaml")
-    assert cfg.experiment.profile == "full" and cfg.experiment.out == "runs/ml100k"
+    assert cfg.experiment.profile == "full" and cfg.experiment.out == "runs/ml100k-seeds"
     assert set(cfg.experiment.all_methods()) == set(METHODS)
+    assert len(cfg.experiment.seeds) >= 3 and cfg.experiment.sweeps
     with pytest.raises(ConfigError, match="train.method is set per method"):
         load_options(ExperimentJobConfig, overrides={"experiment": {"train": {"method": "no-bc"}}})
+    paths = sorted((REPO / "jobs" / "configs").glob("experiment*.yaml"))
+    assert len(paths) >= 2
+    paths += sorted((REPO / "docs" / "results" / "configs").glob("*.yaml"))  # the stages docs/results.md ran
+    for p in paths:  # every shipped experiment config
+        assert set(load_options(ExperimentJobConfig, file=p).experiment.methods) <= set(METHODS), p
 
 
 def test_experiment_command_line_help_and_bad_flags():
@@ -147,7 +207,7 @@ def test_experiment_command_line_help_and_bad_flags():
 
     p = subprocess.run([sys.executable, "jobs/experiment.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
-    for flag in ("--dataset", "--methods", "--out", "--profile", "--versions"):
+    for flag in ("--dataset", "--methods", "--out", "--profile", "--versions", "--seeds", "--alignment-weights"):
         assert flag in p.stdout
     bad = subprocess.run([sys.executable, "jobs/experiment.py", "--methods", "bc-aligner,nope"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown method(s) ['nope']" in bad.stderr
@@ -181,3 +241,102 @@ def test_the_report_depends_on_the_result_type_not_on_the_experiment_runner():
     import raybc.experiment
 
     assert raybc.experiment.ExperimentResult is ExperimentResult  # the old import path still works
+
+
+def test_experiment_options_seeds_sweep_and_variants():
+    from pydantic import ValidationError
+
+    from raybc.cli import experiment_config
+
+    assert ExperimentOptions(seed=3).seeds == [3]  # the single-seed spelling of earlier configs
+    with pytest.raises(ValidationError, match="give seeds or seed, not both"):
+        ExperimentOptions(seed=3, seeds=[1, 2])
+    with pytest.raises(ValidationError, match="distinct seeds"):
+        ExperimentOptions(seeds=[1, 1])
+    with pytest.raises(ValidationError, match=r"sweeps\[0\].seeds \[5\] must be among seeds"):
+        ExperimentOptions(seeds=[0, 1], sweeps=[{"alignment_weights": [4], "seeds": [5]}])
+    with pytest.raises(ValidationError, match="extra"):
+        ExperimentOptions(sweeps=[{"alignment_weights": [4], "seed": [0]}])
+    with pytest.raises(ValidationError, match="extra"):
+        ExperimentOptions(seeeds=[0])
+    o = ExperimentOptions(methods=["bc-aligner", "posthoc-lin-sloss", "bc-aligner-warm"], seeds=[0, 1], sweeps=[{"alignment_weights": [1, 16, 64], "seeds": [1]}])
+    assert list(o.variants(0)) == ["fix-m0", "no-bc", "bc-aligner", "posthoc-lin-sloss", "bc-aligner-warm"]
+    sweep = {k: v for k, v in o.variants(1).items() if v.alignment_weight is not None}
+    # every joint method at every extra lambda; 16 (the profile's) is the method itself; post-hoc has no lambda
+    assert sorted(sweep) == sorted(f"{m}.lambda{w}" for m in ("bc-aligner", "bc-aligner-warm") for w in (1, 64))
+    assert sweep["bc-aligner.lambda64"].method == "bc-aligner" and sweep["bc-aligner.lambda64"].alignment_weight == 64.0
+    only = ExperimentOptions(methods=["bc-aligner", "bc-aligner-warm"], seeds=[0, 1], sweeps=[
+        {"alignment_weights": [4], "methods": ["bc-aligner-warm"]}, {"alignment_weights": [1], "methods": ["bc-aligner"], "seeds": [1]}])  # fmt: skip
+    assert [k for k, v in only.variants(0).items() if v.alignment_weight is not None] == ["bc-aligner-warm.lambda4"]
+    assert [k for k, v in only.variants(1).items() if v.alignment_weight is not None] == ["bc-aligner-warm.lambda4", "bc-aligner.lambda1"]
+    with pytest.raises(ValidationError, match=r"sweeps\[0\].methods \['no-bc'\]: a lambda sweep needs a joint method"):
+        ExperimentOptions(methods=["bc-aligner"], sweeps=[{"alignment_weights": [4], "methods": ["no-bc"]}])
+    cfg = experiment_config(["--seeds", "0,1,2", "--alignment-weights", "1,4", "--methods", "bc-aligner-warm"])
+    assert cfg.experiment.seeds == [0, 1, 2] and cfg.experiment.alignment_weights == [1.0, 4.0] and cfg.experiment.methods == ["bc-aligner-warm"]
+    with pytest.raises(ConfigError, match="--alignment-weights: 'a,b' is not a comma-separated list"):
+        experiment_config(["--alignment-weights", "a,b"])
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases(tmp_path, ray_session):
+    out = tmp_path / "exp"
+    recipe = ConsumerOptions(hidden=[16], dropout=[0.0], seeds=[0, 1], epochs=60, min_item_ratings=3, select_on_next_version=["user-activity"])
+    opts = ExperimentOptions(
+        dataset="synthetic:300,150,6000", out=str(out), profile="quick", methods=["posthoc-lin-sloss", "bc-aligner-warm"],
+        seeds=[0, 1], sweeps=[{"alignment_weights": [4], "seeds": [1]}], consumer=recipe,
+    )  # fmt: skip
+    r = run_experiment(opts, echo=lambda s: None)
+    # the user-activity consumer was chosen on v1 through fix-m0's v1: its v1 scores stay out of the averages
+    assert r.consumers_per_seed[1]["user-activity"]["selected_on_version"] == 1
+    assert "selected_on_version" not in r.consumers_per_seed[1]["binary-edge-rating"]
+    rows = {(x["method"], x["version"]): x for x in relative_rows(r.per_seed[1])}
+    assert math.isnan(rows[("bc-aligner-warm", 1)]["auc_rel_pct:user-activity"]) and math.isfinite(rows[("bc-aligner-warm", 2)]["auc_rel_pct:user-activity"])
+    labels = ["fix-m0", "no-bc", "posthoc-lin-sloss", "bc-aligner-warm"]
+    assert sorted(r.per_seed) == [0, 1] and list(r.per_seed[0]) == labels and list(r.per_seed[1]) == [*labels, "bc-aligner-warm.lambda4"]
+    for s in (0, 1):
+        base = out / f"seed{s}"
+        ref = Registry(Storage(str(base / "fix-m0")))
+        for m in r.per_seed[s]:
+            reg = Registry(Storage(str(base / m)))
+            assert reg.versions() == [0, 1, 2], (s, m)
+            # one M_0 per seed, published under every method
+            assert all(np.array_equal(reg.model(0).tensors[k], ref.model(0).tensors[k]) for k in ref.model(0).tensors), (s, m)
+        # the post-hoc method aligns no-bc's very M_k
+        nobc, post = Registry(Storage(str(base / "no-bc"))), Registry(Storage(str(base / "posthoc-lin-sloss")))
+        assert all(np.array_equal(post.model(2).tensors[k], nobc.model(2).tensors[k]) for k in nobc.model(2).tensors)
+        assert (base / "report" / "results.md").exists()
+    # different seeds train different models
+    m0 = [Registry(Storage(str(out / f"seed{s}" / "fix-m0"))).model(0).tensors for s in (0, 1)]
+    assert not all(np.array_equal(m0[0][k], m0[1][k]) for k in m0[0])
+    assert r.variants["bc-aligner-warm.lambda4"] == {"method": "bc-aligner-warm", "alignment_weight": 4.0}
+    assert r.variants["bc-aligner-warm"]["alignment_weight"] == 16.0 and r.variants["posthoc-lin-sloss"]["alignment_weight"] is None
+    report = out / "report"
+    seeds = list(csv.DictReader(io.StringIO((report / "seeds.csv").read_text())))
+    assert len(seeds) == 2 * len(labels) + 1
+    summary = {row["method"]: row for row in csv.DictReader(io.StringIO((report / "seed_summary.csv").read_text()))}
+    for m in labels:
+        vals = [float(row["unintended_rel_pct"]) for row in seeds if row["method"] == m]
+        assert float(summary[m]["unintended_rel_pct"]) == pytest.approx(np.mean(vals)), m
+        assert float(summary[m]["unintended_rel_pct_std"]) == pytest.approx(np.std(vals, ddof=1), abs=1e-9), m
+        assert summary[m]["seeds"] == "2"
+    assert summary["bc-aligner-warm.lambda4"]["seeds"] == "1"
+    assert "## Over seeds" in (report / "results.md").read_text()
+    for name in ("tradeoff.png", "tradeoff-paper.png"):
+        assert (report / name).read_bytes().startswith(PNG_MAGIC)
+    again = run_experiment(opts, echo=lambda s: None)
+    assert again.trained == [] and again.evaluated == []
+    # one seed of a several-seed output, in its seed folder: nothing to redo
+    one = run_experiment(opts.model_copy(update={"seeds": [1], "seed_folders": True}), echo=lambda s: None)
+    assert one.trained == [] and one.evaluated == [] and list(one.per_seed) == [1]
+    # consumers trained with another recipe are never silently reused
+    with pytest.raises(ConfigError, match="was trained with another recipe than this run's"):
+        run_experiment(opts.model_copy(update={"consumer": recipe.model_copy(update={"select_on_next_version": []})}), echo=lambda s: None)
+
+
+def test_recipe_fields_added_later_keep_earlier_caches_and_consumers_valid():
+    from raybc.experiment import RECIPE_FIELDS_ADDED, recipe_key
+
+    old_dump = {k: v for k, v in ConsumerOptions().model_dump().items() if k not in RECIPE_FIELDS_ADDED}  # a consumer trained before them
+    assert recipe_key(ConsumerOptions.model_validate(old_dump)) == recipe_key(ConsumerOptions()) == old_dump
+    assert recipe_key(ConsumerOptions(select_on_next_version=["user-activity"])) != old_dump

@@ -27,7 +27,11 @@ def data():
 
 
 def _options(method: str) -> TrainOptions:
-    return TrainOptions(method=method, epochs=EPOCHS, dims=[16, 24], eval_every=20, selection_start=0, num_workers=0)
+    # The gate is under test, not the training setup: raybc's earlier setup, on whose M_0 this
+    # consumer reaches ROC-AUC > 0.65 on the synthetic data (on the authors' setup's M_0 it reaches
+    # 0.64, too close to chance for a 5% gate to mean much).
+    legacy = {"final_norm": False, "weight_decay": 1e-4, "positive_sampling": "edge-uniform", "negative_sampling": "uniform", "graph_nodes": "all"}
+    return TrainOptions(method=method, epochs=EPOCHS, dims=[16, 24], eval_every=20, selection_start=0, num_workers=0, **legacy)
 
 
 def _root_with_consumer(tmp_path, data, method: str) -> Storage:

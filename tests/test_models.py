@@ -112,3 +112,74 @@ def test_mf_refuses_a_graph_bigger_than_its_tables():
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="unknown model architecture 'transformer'"):
         build_model({"arch": "transformer"})
+
+
+# --------------------------------------------------------------------------- the authors' options, widening
+
+
+def test_subset_graph_embeds_its_nodes_like_the_full_graph_and_zeros_the_rest():
+    """A graph of the seen nodes only (graph_nodes: seen): in eval mode a node's embedding depends on
+    its neighbourhood alone, so the nodes present get exactly the full graph's embeddings, the others
+    zeros; in train mode BatchNorm's statistics see only the present nodes (the point of the option)."""
+    rng = np.random.default_rng(0)
+    n_users, n_items = 30, 20
+    users, items = np.arange(0, 30, 2), np.arange(0, 20, 2)  # every other node present
+    eu, ei = rng.choice(users, 80), rng.choice(items, 80)
+    per_item = rng.integers(0, 3, n_items)
+    indptr = np.concatenate([[0], np.cumsum(per_item)])
+    attrs = rng.integers(0, 6, indptr[-1])
+    common = dict(n_users=n_users, n_items=n_items, edge_user=eu, edge_item=ei, item_attr_indptr=indptr, item_attr_indices=attrs)
+    full, sub = BipartiteGraph.build(**common), BipartiteGraph.build(**common, users=users, items=items)
+    assert (sub.n_users, sub.n_items, sub.users_out, sub.items_out) == (15, 10, 30, 20)
+    torch.manual_seed(0)
+    m = PinSageGNN(n_attributes=6, dim=8, layers=2, final_norm=True)
+    m.train()
+    m(full)  # move the running statistics away from their initial values
+    m.eval()
+    uf, i_f = m(full)
+    us, i_s = m(sub)
+    assert us.shape == (30, 8) and i_s.shape == (20, 8)
+    torch.testing.assert_close(us[users], uf[users])
+    torch.testing.assert_close(i_s[items], i_f[items])
+    absent_u, absent_i = np.setdiff1d(np.arange(30), users), np.setdiff1d(np.arange(20), items)
+    assert float(us[absent_u].abs().max()) == 0.0 and float(i_s[absent_i].abs().max()) == 0.0
+    m.train()  # train mode: the final BatchNorm normalises over the graph's nodes only
+    us_t, is_t = m(sub)
+    h = torch.cat([us_t[users], is_t[items]])
+    torch.testing.assert_close(h.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="every training edge must join"):
+        BipartiteGraph.build(**{**common, "edge_user": np.array([1]), "edge_item": np.array([0])}, users=users, items=items)
+
+
+def test_final_norm_is_in_the_spec_and_old_specs_rebuild_without_it():
+    with_norm = PinSageGNN(n_attributes=4, dim=6, layers=2, final_norm=True)
+    without = build_model({"arch": "gnn", "n_attributes": 4, "dim": 6, "layers": 2})  # a spec written before the option
+    assert with_norm.spec()["final_norm"] is True and "final_norm" not in without.spec()
+    assert len(with_norm.norms) == 2 and len(without.norms) == 1
+    assert build_model(with_norm.spec()).final_norm is True
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_widened_model_computes_the_old_embeddings_padded_with_near_zeros(final_norm):
+    from raybc.errors import ConfigError
+    from raybc.models.widen import widen_state
+
+    g = small_graph()
+    torch.manual_seed(0)
+    old = PinSageGNN(n_attributes=6, dim=8, layers=2, final_norm=final_norm)
+    old.train()
+    old(g)  # running statistics away from their initial values
+    old.eval()
+    new = PinSageGNN(n_attributes=6, dim=11, layers=2, final_norm=final_norm)
+    new.load_state_dict(widen_state(old.state_dict(), new.state_dict(), seed=1))
+    new.eval()
+    with torch.no_grad():
+        (u0, i0), (u1, i1) = old(g), new(g)
+    z0, z1 = torch.cat([u0, i0]), torch.cat([u1, i1])
+    torch.testing.assert_close(z1[:, :8], z0, rtol=0, atol=1e-6)  # the old dimensions: exactly M_{k-1}
+    new_part = z1[:, 8:].pow(2).sum() / z0.pow(2).sum()
+    assert 0 < float(new_part) < 1e-4, float(new_part)  # the new ones: near zero, but not the zero saddle
+    with pytest.raises(ConfigError, match="same architecture"):
+        widen_state(old.state_dict(), PinSageGNN(n_attributes=6, dim=11, layers=3, final_norm=final_norm).state_dict())
+    with pytest.raises(ConfigError, match="dimensions may only grow"):
+        widen_state(new.state_dict(), old.state_dict())

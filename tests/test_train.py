@@ -168,7 +168,7 @@ def test_fixed_maps_are_what_the_methods_imply(trained):
 
 def test_alignment_methods_are_far_more_compatible_than_no_bc(trained):
     nobc = Registry(trained["no-bc"]).get(2).metrics["align_err_v0"]
-    for name in ("bc-aligner", "joint-lin-sloss", "posthoc-lin-sloss", "posthoc-lin-mloss"):
+    for name in ("bc-aligner", "bc-aligner-warm", "joint-lin-sloss", "posthoc-lin-sloss", "posthoc-lin-mloss"):
         err = Registry(trained[name]).get(2).metrics["align_err_v0"]
         assert err < 0.5 * nobc, (name, err, nobc)
 
@@ -258,3 +258,152 @@ def test_training_shows_a_few_progress_lines_and_none_when_asked(data, tmp_path,
     assert lines[-1].startswith("[raybc] epoch 30/30: loss ") and "s left" in lines[-1] and "best " in lines[-1]
     fit_version(Storage(str(tmp_path / "b")), d, slices, version=0, options=quick("no-bc", progress=False), echo=lambda s: None)
     assert "[raybc] epoch " not in capfd.readouterr().out
+
+
+# --------------------------------------------------------------------------- the authors' options, selection, bc-aligner-warm
+
+
+def test_user_uniform_positives_draw_every_user_about_equally_often():
+    from raybc.train.loop import positive_weights, sample_positives
+
+    # user 0 has 90 edges, users 1..9 one each: edge-uniform draws user 0 90% of the time
+    train_user = np.array([0] * 90 + list(range(1, 10)))
+    rng = np.random.default_rng(0)
+    shard = np.arange(len(train_user))
+    draws = np.concatenate([sample_positives(rng, shard, positive_weights(train_user)) for _ in range(200)])
+    share = np.bincount(train_user[draws], minlength=10) / len(draws)
+    np.testing.assert_allclose(share, np.full(10, 0.1), atol=0.01)
+    perm = sample_positives(rng, shard, None)  # edge-uniform: one permutation, each edge once
+    assert sorted(perm.tolist()) == shard.tolist()
+
+
+def test_negatives_that_are_known_positives_are_drawn_again():
+    from raybc.train.loop import sample_negatives
+
+    n_items = 10
+    items = np.arange(n_items)
+    users = np.repeat(np.arange(5), 200)
+    known_pairs = [(u, i) for u in range(5) for i in range(8)]  # every user knows items 0..7: only 8, 9 are negatives
+    known = np.unique(np.array([u * n_items + i for u, i in known_pairs]))
+    neg = sample_negatives(np.random.default_rng(0), users, items, known, n_items)
+    assert set(neg.tolist()) == {8, 9}
+    plain = sample_negatives(np.random.default_rng(0), users, items, None, n_items)
+    assert set(plain.tolist()) == set(range(10))  # uniform: known positives included
+
+
+def test_alignment_weight_ramp():
+    from raybc.train.loop import alignment_weight_at
+
+    assert alignment_weight_at(0, weight=16.0, ramp_epochs=0) == 16.0
+    assert [alignment_weight_at(e, weight=16.0, ramp_epochs=4) for e in range(6)] == [4.0, 8.0, 12.0, 16.0, 16.0, 16.0]
+
+
+def test_selection_halves_are_disjoint_fixed_and_cover_the_validation_users():
+    from raybc.train.fit import selection_users
+
+    val_user = np.array([5, 3, 3, 9, 11, 2, 7, 7, 20])
+    a = selection_users(val_user, version=1)
+    assert len(a) == 4 and set(a) <= set(val_user)  # ceil(7 / 2) of the 7 distinct users
+    np.testing.assert_array_equal(a, selection_users(val_user[::-1], version=1))  # a set, not an order
+    assert not np.array_equal(a, selection_users(val_user, version=2)) or not np.array_equal(a, selection_users(val_user, version=3))
+
+
+def test_selection_split_reports_on_users_it_did_not_select_on(data, tmp_path):
+    d, slices = data
+    v = fit_version(Storage(str(tmp_path / "r")), d, slices, version=0, options=quick("no-bc"), echo=lambda s: None)
+    m = v.metrics
+    from raybc.train.fit import selection_users
+
+    n_val = len(np.unique(slices[0].val_user))
+    assert m["select_val_users"] == len(selection_users(slices[0].val_user, version=0)) and m["val_users"] + m["select_val_users"] == n_val
+    assert m["all_val_users"] == n_val
+    # the epoch was picked on the selection half: the published model's selection-half recall is the
+    # best selection-half check of the history, while its report half need not be its best
+    hist = [h for h in v.hyperparameters["history"]]
+    assert m["select_recall@50"] == pytest.approx(max(h["select_recall@50"] for h in hist))
+    legacy = fit_version(Storage(str(tmp_path / "l")), d, slices, version=0, options=quick("no-bc", selection="all-users"), echo=lambda s: None)
+    assert "select_recall@50" not in legacy.metrics and legacy.metrics["val_users"] == n_val
+
+
+def test_least_squares_aligner_recovers_a_linear_map_and_minimises_the_multi_step_loss():
+    from raybc.train.fit import least_squares_aligner
+
+    g = torch.Generator().manual_seed(0)
+    zk = torch.randn(300, 6, generator=g)
+    true_b = torch.randn(4, 6, generator=g)
+    zp = zk @ true_b.T + 0.05 * torch.randn(300, 4, generator=g)
+    b = torch.from_numpy(least_squares_aligner(zk, zp))
+    torch.testing.assert_close(b, true_b, atol=0.05, rtol=0)
+    frozen = [torch.randn(3, 4, generator=g)]
+    lin = nn.Linear(6, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(b)
+    best = float(multi_step_alignment(lin, frozen, [zk], [zp]))
+    for _ in range(5):  # any other B scores worse on the multi-step loss too
+        with torch.no_grad():
+            lin.weight.copy_(b + 0.01 * torch.randn(4, 6, generator=g))
+        assert float(multi_step_alignment(lin, frozen, [zk], [zp])) > best
+
+
+def test_warm_start_begins_at_the_previous_model_and_b_at_its_exact_map(data, tmp_path):
+    """With (almost) no training, bc-aligner-warm's M_1 is M_0 widened: z_1's first d_0 dimensions
+    are z_0 and B_1 maps back with ~0 error; bc-aligner from scratch starts far away."""
+    d, slices = data
+    errs = {}
+    for name in ("bc-aligner-warm", "bc-aligner"):
+        root = Storage(str(tmp_path / name))
+        fit_version(root, d, slices, version=0, options=quick(name), echo=lambda s: None)
+        v = fit_version(root, d, slices, version=1, options=quick(name, epochs=1, lr=1e-9, selection_start=0), echo=lambda s: None)
+        errs[name] = (v.metrics["align_err_v0"], v.metrics.get("truncation_err_v0"))
+    # not exactly 0: the epoch's train-mode steps still move BatchNorm's running statistics (lr plays no part there)
+    assert errs["bc-aligner-warm"][0] < 1e-3 and errs["bc-aligner-warm"][1] < 0.02, errs
+    assert errs["bc-aligner"][0] > 0.5 and errs["bc-aligner"][1] > 0.5, errs
+
+
+def test_refit_publishes_the_least_squares_b(trained, data):
+    from raybc.models import build_model
+    from raybc.train.fit import least_squares_aligner
+    from raybc.train.loop import embed
+
+    d, slices = data
+    reg = Registry(trained["bc-aligner-warm"])
+    v = reg.get(2)
+    assert "joint_aligner_err_prev" in v.metrics  # the learned B_2's error, kept for the record
+    graph_payload = {"graph": {"n_users": d.n_users, "n_items": d.n_items, "train_user": slices[2].train_user, "train_item": slices[2].train_item,
+                               "item_attr_indptr": d.item_attr_indptr, "item_attr_indices": d.item_attr_indices, "nodes": "seen"},
+                     "graph_users": slices[2].users, "candidate_items": slices[2].items}  # fmt: skip
+    from raybc.train.loop import build_graph
+
+    graph = build_graph(graph_payload)
+    zs = []
+    for k in (2, 1):
+        m = build_model(reg.model(k).spec)
+        m.load_state_dict({key: torch.as_tensor(t) for key, t in reg.model(k).tensors.items()})
+        u, i = embed(m, graph)
+        zs.append(torch.cat([u[slices[2].users], i[slices[2].items]]))
+    np.testing.assert_allclose(reg.aligner(2).weight, least_squares_aligner(zs[0], zs[1]), rtol=1e-4, atol=1e-5)
+
+
+def test_model_from_takes_only_an_identically_trained_model(trained, data, tmp_path):
+    d, slices = data
+    root = Storage(str(tmp_path / "p"))
+    fit_version(root, d, slices, version=0, options=quick("posthoc-lin-sloss"), echo=lambda s: None, model_from=trained["no-bc"])
+    v1 = fit_version(root, d, slices, version=1, options=quick("posthoc-lin-sloss"), echo=lambda s: None, model_from=trained["no-bc"])
+    mine, theirs = Registry(root).model(1).tensors, Registry(trained["no-bc"]).model(1).tensors
+    assert all(np.array_equal(mine[k], theirs[k]) for k in theirs)
+    assert v1.metrics["best_epoch"] == Registry(trained["no-bc"]).get(1).metrics["best_epoch"]
+    other = Storage(str(tmp_path / "q"))
+    fit_version(other, d, slices, version=0, options=quick("posthoc-lin-sloss"), echo=lambda s: None, model_from=trained["no-bc"])
+    with pytest.raises(ConfigError, match="which does not train M_1 as posthoc-lin-sloss does"):
+        fit_version(other, d, slices, version=1, options=quick("posthoc-lin-sloss"), echo=lambda s: None, model_from=trained["bc-aligner"])
+    with pytest.raises(ConfigError, match="trained with other options"):
+        fit_version(other, d, slices, version=1, options=quick("posthoc-lin-sloss", epochs=7), echo=lambda s: None, model_from=trained["no-bc"])
+
+
+def test_manifests_without_the_new_options_read_as_the_old_behaviour():
+    from raybc.experiment import _same_training
+
+    old_manifest = quick("no-bc").model_dump(exclude={"final_norm", "positive_sampling", "negative_sampling", "graph_nodes", "selection", "alignment_ramp_epochs"})
+    assert not _same_training(old_manifest, quick("no-bc"))  # not silently today's defaults
+    legacy = quick("no-bc", final_norm=False, positive_sampling="edge-uniform", negative_sampling="uniform", graph_nodes="all", selection="all-users")
+    assert _same_training(old_manifest, legacy)

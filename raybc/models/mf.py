@@ -27,6 +27,6 @@ class MatrixFactorization(nn.Module):
         return {"arch": "mf", "n_users": self.n_users, "n_items": self.n_items, "dim": self.dim}
 
     def forward(self, g: BipartiteGraph) -> tuple[torch.Tensor, torch.Tensor]:
-        if g.n_users > self.n_users or g.n_items > self.n_items:
-            raise ValueError(f"graph has {g.n_users} users / {g.n_items} items; this model holds {self.n_users} / {self.n_items}")
-        return self.user.weight[: g.n_users], self.item.weight[: g.n_items]
+        if g.users_out > self.n_users or g.items_out > self.n_items:
+            raise ValueError(f"graph has {g.users_out} users / {g.items_out} items; this model holds {self.n_users} / {self.n_items}")
+        return self.user.weight[: g.users_out], self.item.weight[: g.items_out]

@@ -31,8 +31,14 @@ from raybc.train.methods import get_method
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
-# Recall@K that selects the epoch (DESIGN.md: Recall@50 selects epochs).
+# Recall@K that selects the epoch (DESIGN.md: Recall@50 selects epochs); with selection
+# "split-half" it is measured on the selection half of the validation users only.
 SELECT_METRIC = "recall@50"
+SPLIT_SELECT_METRIC = "select_recall@50"
+# Negatives that are known positives are drawn again at most this many rounds (the authors redraw
+# until none is left). On MovieLens-100K 6.2-6.5% of user-uniform draws hit a known positive
+# (measured at v0 and v3), so each round leaves ~6% of the last: 50 rounds leave none in practice.
+NEGATIVE_REDRAWS = 50
 
 
 class Joint(nn.Module):
@@ -48,11 +54,55 @@ class Joint(nn.Module):
 
 
 def build_graph(payload: dict[str, Any]) -> BipartiteGraph:
+    """The version's graph: every node of the data set, or (``graph_nodes: seen``, the authors')
+    only the users and items seen up to the end of the version's validation window."""
     g = payload["graph"]
+    seen = g.get("nodes", "all") == "seen"
     return BipartiteGraph.build(
         n_users=g["n_users"], n_items=g["n_items"], edge_user=g["train_user"], edge_item=g["train_item"],
         item_attr_indptr=g["item_attr_indptr"], item_attr_indices=g["item_attr_indices"],
+        users=payload["graph_users"] if seen else None, items=payload["candidate_items"] if seen else None,
     )  # fmt: skip
+
+
+def positive_weights(train_user: np.ndarray) -> np.ndarray:
+    """Sampling weight of each training edge under user-uniform sampling: 1 / the user's degree
+    (the authors' ``RecDatasetNegsamling``: every user is drawn about equally often)."""
+    _, inverse, counts = np.unique(train_user, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
+def sample_positives(rng: np.random.Generator, shard: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """One epoch of training-edge positions from ``shard``: a permutation (edge-uniform, ``weights``
+    None) or len(shard) draws with replacement, edge e with probability weights[e] (user-uniform)."""
+    if weights is None:
+        return rng.permutation(shard)
+    w = weights[shard]
+    return rng.choice(shard, size=len(shard), replace=True, p=w / w.sum())
+
+
+def sample_negatives(rng: np.random.Generator, users: np.ndarray, items: np.ndarray, known: np.ndarray | None, n_items: int) -> np.ndarray:
+    """A random candidate item per user; with ``known`` (sorted keys user * n_items + item of the
+    training edges), draws that are a known positive of their user are drawn again."""
+    neg = items[rng.integers(0, len(items), len(users))]
+    if known is None or len(known) == 0:
+        return neg
+    for _ in range(NEGATIVE_REDRAWS):
+        key = users * n_items + neg
+        pos = np.minimum(np.searchsorted(known, key), len(known) - 1)
+        hit = np.flatnonzero(known[pos] == key)
+        if hit.size == 0:
+            break
+        neg[hit] = items[rng.integers(0, len(items), hit.size)]
+    return neg
+
+
+def alignment_weight_at(epoch: int, *, weight: float, ramp_epochs: int) -> float:
+    """lambda at ``epoch`` (0-based): ``weight``, or a linear ramp from weight/ramp to weight over
+    the first ``ramp_epochs`` epochs."""
+    if ramp_epochs <= 0:
+        return weight
+    return weight * min(1.0, (epoch + 1) / ramp_epochs)
 
 
 def embed(model: nn.Module, graph: BipartiteGraph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +158,29 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch
 
 
 def evaluate_state(joint: nn.Module, graph: BipartiteGraph, payload: dict[str, Any], z_prev: tuple | None, frozen: list) -> dict[str, float]:
-    """Validation Recall@K and, when there is a previous version, the alignment error to it."""
+    """Validation Recall@K and, when there is a previous version, the alignment error to it.
+
+    With a selection split (``payload["val"]["select_users"]``), ``recall@K`` is measured on the
+    report half of the validation users, ``select_recall@K`` on the selection half (what picks the
+    epoch) and ``all_recall@K`` on all of them; without one, ``recall@K`` is on all of them.
+    """
     u, i = embed(joint, graph)
     g, v = payload["graph"], payload["val"]
-    metrics = recall_at_k(
-        u, i, val_user=v["val_user"], val_item=v["val_item"], known_user=g["train_user"], known_item=g["train_item"],
-        candidate_items=payload["candidate_items"],
-    )  # fmt: skip
+
+    def recall(mask: np.ndarray | None) -> dict[str, float]:
+        vu, vi = (v["val_user"], v["val_item"]) if mask is None else (v["val_user"][mask], v["val_item"][mask])
+        return recall_at_k(
+            u, i, val_user=vu, val_item=vi, known_user=g["train_user"], known_item=g["train_item"], candidate_items=payload["candidate_items"]
+        )
+
+    select_users = v.get("select_users")
+    if select_users is None:
+        metrics = recall(None)
+    else:
+        chosen = np.isin(v["val_user"], select_users)
+        metrics = recall(~chosen)
+        metrics.update({f"select_{k}": x for k, x in recall(chosen).items()})
+        metrics.update({f"all_{k}": x for k, x in recall(None).items()})
     if z_prev is not None:
         method = get_method(payload["method"])
         nodes_u, nodes_i = payload["graph_users"], payload["candidate_items"]
@@ -157,11 +223,14 @@ def train_loop(config: dict[str, Any]) -> None:
 
     graph = build_graph(payload).to(device)
     model = build_model(payload["model_spec"])
-    if payload.get("init_weights") is not None:  # finetune-m0 starts from M_{k-1}
+    if payload.get("init_weights") is not None:  # finetune-m0 starts from M_{k-1}, bc-aligner-warm from it widened
         model.load_state_dict({k: torch.as_tensor(v) for k, v in payload["init_weights"].items()})
     aligner = None
     if method.trains_aligner_jointly and payload.get("prev") is not None:
-        aligner = BackwardAligner(model.dim, payload["prev"]["dim"])  # linear, no bias; nn.Linear's init
+        prev_dim = payload["prev"]["dim"]
+        # linear, no bias; nn.Linear's init, or [I 0] (z_k's first d_{k-1} dims: a widened M_{k-1}'s exact map back)
+        init = np.eye(prev_dim, model.dim, dtype=np.float32) if method.aligner_init == "truncation" else None
+        aligner = BackwardAligner(model.dim, prev_dim, init=init)
     joint = Joint(model, aligner).to(device)
 
     # The alignment target: M_{k-1} run on the current graph, detached (computed once: it is frozen).
@@ -189,27 +258,34 @@ def train_loop(config: dict[str, Any]) -> None:
     n_total = len(g["train_user"])
     steps = max(1, n_total // int(opts["batch_size"]))  # the same on every rank: DDP needs equal steps
     items = np.asarray(payload["candidate_items"], dtype=np.int64)
-    alignment_weight = float(opts["alignment_weight"])
     epochs, eval_every = int(opts["epochs"]), int(opts["eval_every"])
     # joint methods trade recall against alignment while it converges: select only after the warm-up
-    aligning = z_prev is not None and method.joint and method.alignment != "none"
+    aligning = z_prev is not None and method.aligns_jointly
     select_from = int(opts["selection_start"]) if aligning else 0
+    select_metric = SPLIT_SELECT_METRIC if payload["val"].get("select_users") is not None else SELECT_METRIC
     ckpt_every = int(opts["checkpoint_every"])
+    pos_weights = positive_weights(g["train_user"]) if opts.get("positive_sampling", "edge-uniform") == "user-uniform" else None
+    known = None
+    n_item_keys = int(g["n_items"])
+    if opts.get("negative_sampling", "uniform") == "exclude-known":
+        known = np.unique(np.asarray(g["train_user"], np.int64) * n_item_keys + np.asarray(g["train_item"], np.int64))
 
     t_start, shown = time.perf_counter(), start_epoch * 10 // epochs
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         rng = np.random.default_rng(seed * 100_003 + epoch * 101 + rank)
-        perm = rng.permutation(shard)
+        perm = sample_positives(rng, shard, pos_weights)
+        alignment_weight = alignment_weight_at(epoch, weight=float(opts["alignment_weight"]), ramp_epochs=int(opts.get("alignment_ramp_epochs", 0)))
         joint.train()
         total = 0.0
         for batch in np.array_split(perm, steps):
-            bu = torch.as_tensor(g["train_user"][batch], device=device)
+            users_b = np.asarray(g["train_user"][batch], np.int64)
+            bu = torch.as_tensor(users_b, device=device)
             bi = torch.as_tensor(g["train_item"][batch], device=device)
-            bn = torch.as_tensor(items[rng.integers(0, len(items), len(batch))], device=device)
+            bn = torch.as_tensor(sample_negatives(rng, users_b, items, known, n_item_keys), device=device)
             u, i = joint(graph)
             loss = bpr_loss(u[bu], i[bi], i[bn], weight_decay=float(opts["weight_decay"]))
-            if z_prev is not None and method.joint and method.alignment != "none":
+            if z_prev is not None and method.aligns_jointly:
                 zk = (u[bu], i[bi], i[bn])
                 zp = (z_prev[0][bu], z_prev[1][bi], z_prev[1][bn])
                 inner = _unwrap(joint)
@@ -230,7 +306,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if (epoch + 1) % eval_every == 0 or last:
             metrics.update(evaluate_state(joint, graph, payload, z_prev, frozen))
             meta["history"].append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-            value = metrics[SELECT_METRIC]
+            value = metrics[select_metric]
             if epoch >= select_from and value > meta["best_value"]:
                 meta["best_value"], meta["best_epoch"] = float(value), epoch
                 best = _state_tensors("m", _unwrap(joint))
@@ -240,7 +316,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 spent = time.perf_counter() - t_start
                 left = spent / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
                 best_s = f"best {meta['best_value']:.4f} at epoch {meta['best_epoch'] + 1}" if meta["best_epoch"] >= 0 else "selection not started"
-                print(f"[raybc] epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f}, {SELECT_METRIC} {value:.4f} ({best_s}), "
+                print(f"[raybc] epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f}, {select_metric} {value:.4f} ({best_s}), "
                       f"{spent:.0f} s, about {left:.0f} s left", flush=True)  # fmt: skip
         meta["epoch"] = epoch
         checkpoint = None

@@ -135,6 +135,11 @@ def refit(run: str) -> None:
             print(f"  seed {s} {m:22} published / least squares: " + " | ".join(cells))
 
 
+def _step_error(zk: torch.Tensor, zp: torch.Tensor, b: np.ndarray) -> float:
+    """Relative squared error of z_{k-1} ~ B z_k."""
+    return alignment_error(torch.from_numpy(zk.numpy() @ np.asarray(b, np.float32).T), zp)
+
+
 def single_step(run: str) -> None:
     print("Single-step error to v<k-1> on version k's graph: the jointly learned B_k / least squares on the same M_k, M_{k-1}:")
     data = load_dataset("movielens-100k")
@@ -146,11 +151,10 @@ def single_step(run: str) -> None:
             cells = []
             for k in VERSIONS:
                 z = _embeddings(reg, k, data, slices[k])
-                b_ls = least_squares_aligner(z[k], z[k - 1])
-                e_ls = alignment_error(torch.from_numpy(z[k].numpy() @ b_ls.T), z[k - 1])
+                e_ls = _step_error(z[k], z[k - 1], least_squares_aligner(z[k], z[k - 1]))
                 learned = reg.get(k).metrics.get("joint_aligner_err_prev")  # bc-aligner-warm publishes the refit, records the learned one
                 if learned is None:
-                    learned = alignment_error(torch.from_numpy(z[k].numpy() @ np.asarray(reg.aligner(k).weight, np.float32).T), z[k - 1])
+                    learned = _step_error(z[k], z[k - 1], reg.aligner(k).weight)
                 cells.append(f"v{k} {learned:.4f} / {e_ls:.4f}")
             print(f"  {m:16} seed {s}: " + " | ".join(cells))
 
@@ -165,9 +169,8 @@ def posthoc(run: str) -> None:
         cells = []
         for k in VERSIONS:
             z = _embeddings(nobc, k, data, slices[k])
-            b = least_squares_aligner(z[k], z[k - 1])
-            e_ls = alignment_error(torch.from_numpy(z[k].numpy() @ b.T), z[k - 1])
-            e_adam = alignment_error(torch.from_numpy(z[k].numpy() @ np.asarray(post.aligner(k).weight, np.float32).T), z[k - 1])
+            e_ls = _step_error(z[k], z[k - 1], least_squares_aligner(z[k], z[k - 1]))
+            e_adam = _step_error(z[k], z[k - 1], post.aligner(k).weight)
             cells.append(f"v{k} {e_adam:.4f} / {e_ls:.4f}")
         print(f"  seed {s} adam / least squares: " + " | ".join(cells))
 

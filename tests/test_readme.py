@@ -116,7 +116,9 @@ NOT_RUN = {
     "python jobs/train_version.py --config jobs/configs/train-movielens.yaml":
         "as above; tests/test_train.py::test_shipped_train_configs_validate validates the config",
     "raybc backfill --root ./ml-root/bc-aligner": "needs the MovieLens root the loop above builds",
-    "raybc experiment --dataset movielens-100k --out runs/ml100k --profile full": "the paper's full protocol: 46 min and more (docs/results.md)",
+    "raybc experiment --dataset movielens-100k --out runs/ml --seeds 0,1,2 --alignment-weights 1,4,64":
+        "the paper's full protocol over three seeds with a lambda sweep: hours on 2 cores (docs/results.md §6); "
+        "tests/test_experiment.py::test_several_seeds_and_a_lambda_sweep_share_models_and_report_both_bases runs seeds and a sweep on small data",
     "raybc experiment --dataset synthetic:300,150,6000 --out /tmp/exp --profile quick":
         "minutes on 2 cores; tests/test_experiment.py::test_quick_profile_runs_every_method_and_version_and_resumes runs this "
         "data set and profile through raybc.experiment, not through the command line",

@@ -188,7 +188,8 @@ def test_read_snapshot_hints_fit_the_case(tmp_path):
 # without the hold, a loaded machine could let it write every part and commit between the test's
 # seeing the first part and its SIGINT, and the signal met a finished run (failed 1 in 8 runs).
 HELD_RECONCILE = """
-import os, sys, time
+import faulthandler, os, signal, sys, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 import raybc.backfill as bf
 from raybc.cli import main
 
@@ -240,7 +241,14 @@ def test_ctrl_c_ends_reconcile_with_its_summary_and_the_rerun_commits_no_tempora
     written = [f for f in root.walk_files("snapshots") if f.endswith(".parquet")]
     assert written and not [f for f in root.walk_files("snapshots") if f.endswith(("CURRENT", "manifest.json"))], written
     os.kill(p.pid, signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread on SIGUSR1
+        os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(2)
+        p.kill()
+        out, err = p.communicate()
+        pytest.fail(f"reconcile did not end within 120 s of SIGINT:\n{out}\n{err[-8000:]}")
     assert p.returncode == cli.EXIT_INTERRUPTED, (out, err)
     last = out.strip().splitlines()[-1]
     assert last.startswith(f"raybc reconcile: interrupted root={root.uri()}") and "a rerun resumes" in last, out

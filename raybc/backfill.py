@@ -678,7 +678,6 @@ class PipelineRunner:
 # calls in all), so a runner killed on purpose (Ctrl-C) is not retried and prints nothing.
 RUNNER_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
 RUNNER_ATTEMPTS = 4
-WAIT_SLICE_S = 1.0  # the driver's wait on its runner, in slices: Ctrl-C is seen between two
 STOP_WAIT_S = 10.0  # Ctrl-C: how long the driver waits for Ray to confirm the runner's kill
 _runner: tuple[tuple[str, str], Any] | None = None  # ((Ray job id, driver's node id), actor handle) of this process
 
@@ -716,22 +715,13 @@ def _stop_runner(wait_s: float | None = None) -> None:
         t.join(wait_s)
 
 
-def _wait_interruptibly(ref: Any) -> Any:
-    """``ray.get(ref)``, waiting in slices of WAIT_SLICE_S so that Ctrl-C is seen within one slice:
-    a single blocking ``ray.get`` once sat through SIGINT for 120 s (CI, 2026-12-04; the stack
-    showed the main thread in ``get_objects``), the Python handler never getting to run."""
-    while not ray.wait([ref], timeout=WAIT_SLICE_S)[0]:
-        pass
-    return ray.get(ref)
-
-
 def run_on_runner(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """:meth:`PipelineRunner.run` on this driver's runner; a runner that dies during the call is
     replaced and the call made again, RUNNER_ATTEMPTS calls in all. Errors the pipeline raised
     reach the caller as raybc worded them; Ctrl-C kills the runner, which stops its write tasks."""
     for attempt in range(1, RUNNER_ATTEMPTS + 1):
         try:
-            return _wait_interruptibly(pipeline_runner().run.remote(*args, **kwargs))
+            return ray.get(pipeline_runner().run.remote(*args, **kwargs))
         except ray.exceptions.RayActorError as exc:  # the runner's process or node died: a system failure
             _stop_runner()
             if attempt == RUNNER_ATTEMPTS:

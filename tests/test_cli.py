@@ -190,6 +190,8 @@ def test_read_snapshot_hints_fit_the_case(tmp_path):
 HELD_RECONCILE = """
 import faulthandler, os, signal, sys, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)
+# a terminal's Ctrl-C: a shell's background job (CI started with `&`) passes SIGINT on ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import raybc.backfill as bf
 from raybc.cli import main
 

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -678,7 +677,6 @@ class PipelineRunner:
 # calls in all), so a runner killed on purpose (Ctrl-C) is not retried and prints nothing.
 RUNNER_OPTIONS: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
 RUNNER_ATTEMPTS = 4
-STOP_WAIT_S = 10.0  # Ctrl-C: how long the driver waits for Ray to confirm the runner's kill
 _runner: tuple[tuple[str, str], Any] | None = None  # ((Ray job id, driver's node id), actor handle) of this process
 
 
@@ -694,25 +692,13 @@ def pipeline_runner() -> Any:
     return _runner[1]
 
 
-def _stop_runner(wait_s: float | None = None) -> None:
-    """Kill this driver's runner (its write tasks die with their owner). ``wait_s``: give up
-    waiting for Ray's answer after that long (Ctrl-C must end the command, not wait on the GCS);
-    the kill still goes through, and the runner dies with the driver in any case."""
+def _stop_runner() -> None:
+    """Kill this driver's runner; its write tasks die with their owner."""
     global _runner
-    if _runner is None:
-        return
-    handle, _runner = _runner[1], None
-
-    def kill() -> None:
+    if _runner is not None:
         with contextlib.suppress(Exception):
-            ray.kill(handle, no_restart=True)
-
-    if wait_s is None:
-        kill()
-    else:
-        t = threading.Thread(target=kill, name="raybc-stop-runner", daemon=True)
-        t.start()
-        t.join(wait_s)
+            ray.kill(_runner[1], no_restart=True)
+        _runner = None
 
 
 def run_on_runner(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
@@ -731,7 +717,7 @@ def run_on_runner(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
             reraise_root_cause(exc)
             raise
         except KeyboardInterrupt:  # stop the pipeline and its write tasks now, not at exit
-            _stop_runner(wait_s=STOP_WAIT_S)
+            _stop_runner()
             raise
     raise AssertionError("unreachable")
 

@@ -8,12 +8,15 @@ older version ``--out-dim``, linear B's. Then, in one process and one run, measu
 
 - baseline: read -> ``z @ W`` -> write, file by file, one process (numpy's BLAS and pyarrow may use
   threads; the CPU cores it used are reported), with raybc's writer settings; ``defaults``: the
-  same loop with pyarrow's default writer, as a first loop would be written;
+  same loop with pyarrow's default writer, as a first loop would be written; ``baseline-mmap``:
+  the baseline reading memory-mapped files, as the backfill does (a trick a bare loop could use);
 - throughput: the Ray backfill v10 -> v9 (ratio to the baseline, target >= 1.6x);
 - distance: v10 -> v0 against v10 -> v9 (fusion makes distance free, target <= 1.1x);
 - fanout: v10 -> v9, v8, v7, v6 in one pass against one target (target <= 1.6x); ``separate``:
   the same four targets as four jobs;
 - float16 output: bytes written, time, and precision against float64 step by step;
+- ``--cold``: every run starts with the input files dropped from the page cache, so it reads them
+  from the disk, as a backfill of a table larger than memory does;
 - memory: peak RSS of the whole job (driver + Ray workers) at ``--rows`` and 10x ``--rows``
   (``--memory``; target growth < 1.2x);
 and prints a table (rows/s, GB/s in and out, peak RSS, ratios), also written as JSON with ``--json``.
@@ -72,12 +75,13 @@ def build_root(root: Storage, *, rows: int, dim: int, out_dim: int, files: int, 
     return reg
 
 
-def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict | None = None) -> tuple[float, float]:
+def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict | None = None, memory_map: bool = False) -> tuple[float, float]:
     """Bare single-process loop over the same files: read a batch, ``z @ W`` with numpy (W fused
     once, as any loop would), write it; returns (seconds, CPU cores used on average).
 
     ``writer_options=None``: pyarrow's default writer (dictionary encoding tried on every column,
-    statistics on every column), as a first loop would be written; otherwise those options."""
+    statistics on every column), as a first loop would be written; otherwise those options.
+    ``memory_map``: read the files memory-mapped (pyarrow's ``memory_map=True``), as the backfill does."""
     steps = chain_steps({v: reg.aligner(v) for v in range(SOURCE, target, -1)}, SOURCE, target)
     (fused,) = compose_steps(steps)  # the bench chain is linear: one matrix
     w = np.ascontiguousarray(np.asarray(fused.weight, np.float64).T.astype(np.float32))
@@ -85,7 +89,7 @@ def baseline_loop(reg: Registry, out: str, *, target: int, writer_options: dict 
     os.makedirs(out, exist_ok=True)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for f in reg.get(SOURCE).embeddings["items"].files:
-        with src.open_input(f.path) as fin:
+        with src.open_input(f.path, memory_map=memory_map) as fin:
             writer = None
             for batch in pq.ParquetFile(fin).iter_batches(batch_size=65_536, columns=[ID, EMBEDDING]):
                 col = batch.column(1)
@@ -173,7 +177,7 @@ def stage_costs(reg: Registry, out: str, *, rows: int) -> dict[str, float]:
     for f in reg.get(SOURCE).embeddings["items"].files:
         if n >= rows:
             break
-        with src.open_input(f.path) as fin, pq.ParquetWriter(os.path.join(out, f.path), table_schema(w.shape[1]), compression="none", **WRITER_OPTIONS) as wr:  # fmt: skip
+        with src.open_input(f.path, memory_map=True) as fin, pq.ParquetWriter(os.path.join(out, f.path), table_schema(w.shape[1]), compression="none", **WRITER_OPTIONS) as wr:  # fmt: skip
             batches = pq.ParquetFile(fin).iter_batches(batch_size=65_536, columns=[ID, EMBEDDING], use_threads=False)
             while True:
                 t0 = time.perf_counter()
@@ -299,6 +303,23 @@ def half_precision_report(reg: Registry, *, target: int) -> dict[str, float]:
     return {"bytes": snapshot_bytes(reg, target), "max_rel_error": float(rel.max()), "mean_rel_error": float(rel.mean())}
 
 
+def evict_inputs(reg: Registry) -> int:
+    """Drop v10's files from the page cache (``posix_fadvise(DONTNEED)``; local files only; no root
+    needed), so that the next run reads its input from the disk: what a backfill of a table larger
+    than memory does. Returns the bytes of the files."""
+    store, total = reg.embeddings_storage(SOURCE, "items"), 0
+    if not store.is_local:
+        return 0
+    for f in reg.get(SOURCE).embeddings["items"].files:
+        fd = os.open(store.path(f.path), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
 def ray_backfill(root: Storage, targets: list[int], **opts) -> tuple[float, int, dict]:
     """Seconds, peak RSS and (system profile, part timing) of one Ray backfill from scratch
     (snapshots removed first)."""
@@ -317,7 +338,7 @@ def start_ray(a: argparse.Namespace) -> None:
     ray.init(address=a.ray_address or "local", **({} if a.ray_address else {"num_cpus": a.cpus, "include_dashboard": False}))
 
 
-CASES = ("baseline", "defaults", "throughput", "distance", "fanout", "separate", "float16")
+CASES = ("baseline", "baseline-mmap", "defaults", "throughput", "distance", "fanout", "separate", "float16")
 
 
 def main(argv: list[str]) -> int:
@@ -336,6 +357,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output-dtype", default="float32", choices=["float32", "float16"], help="output of the --scale run")
     p.add_argument("--baseline-nice", type=int, default=RAY_WORKER_NICENESS,
                    help="niceness of the baselines' process (default: Ray's workers' own, so load elsewhere slows both alike)")
+    p.add_argument("--cold", action="store_true", help="drop the input files from the page cache before every run (local disk)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     cases = set(a.cases.split(","))
@@ -360,7 +382,12 @@ def main(argv: list[str]) -> int:
     # fmt: skip
 
     def best(fn):
-        return min((fn() for _ in range(a.repeats)), key=lambda r: r[0])
+        def once():
+            if a.cold:
+                evict_inputs(reg)
+            return fn()
+
+        return min((once() for _ in range(a.repeats)), key=lambda r: r[0])
 
     def baseline(**kw) -> tuple[float, float, dict]:
         with SystemProfile() as system:
@@ -383,6 +410,9 @@ def main(argv: list[str]) -> int:
         if "baseline" in cases:
             sec, cores, extra = best(lambda: baseline(writer_options=WRITER_OPTIONS))
             record("baseline v10->v9 (1 process, raybc writer)", sec, cores=cores, extra=extra)
+        if "baseline-mmap" in cases:
+            sec, cores, extra = best(lambda: baseline(writer_options=WRITER_OPTIONS, memory_map=True))
+            record("baseline v10->v9 (1 process, raybc writer, mmap)", sec, cores=cores, extra=extra)
         if "defaults" in cases:
             sec, cores, extra = best(lambda: baseline())
             record("baseline v10->v9 (1 process, pyarrow defaults)", sec, cores=cores, extra=extra)
@@ -397,6 +427,8 @@ def main(argv: list[str]) -> int:
         one = sec
         if "baseline" in cases:
             ratios["throughput: ray / baseline rows/s (target >= 1.6)"] = results["baseline v10->v9 (1 process, raybc writer)"]["seconds"] / one
+        if "baseline-mmap" in cases:
+            ratios["throughput: ray / baseline reading memory-mapped files"] = results["baseline v10->v9 (1 process, raybc writer, mmap)"]["seconds"] / one
         if "defaults" in cases:
             ratios["throughput: ray / baseline with pyarrow's default writer"] = results["baseline v10->v9 (1 process, pyarrow defaults)"]["seconds"] / one
         if "distance" in cases:
@@ -460,7 +492,7 @@ def main(argv: list[str]) -> int:
         print(f"{k:<58} {v:9.2e}" if v < 0.01 else f"{k:<58} {v:6.2f}")
     if a.json:
         info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
-                "baseline_nice": a.baseline_nice, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+                "baseline_nice": a.baseline_nice, "cold": a.cold, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                 "stage_costs_us_per_row": costs,
                 "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv,
                 "blas_env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}}  # fmt: skip

@@ -2,6 +2,7 @@
 
     python jobs/bench_register.py --rows 1000000 --workdir /tmp/raybc-breg                 # N and 4N
     python jobs/bench_register.py --rows 20000000 --files 160 --scale --workdir /data/breg  # one large run
+    python jobs/bench_register.py --rows 1000000 --as-jobs --workdir /tmp/raybc-breg       # as job processes
 
 Writes two versions of a model trained elsewhere (``raybc.data.synthetic.planted_versions``):
 z_0 = A z_1 + noise with ``--dim`` -> ``--out-dim`` dimensions, ids unsorted and the two versions
@@ -21,6 +22,13 @@ into Ray's client threads (gRPC polling, I/O, timers: a few ms per second of wal
 process connected to Ray, rows or none) and the rest, the driver's own work. The planted map's recovery is
 checked on a sample of the snapshot: mean |B z_1 - z_0|^2 against the noise floor (target <= 1.5x).
 ``--scale`` runs one size only.
+
+``--as-jobs`` runs the three steps as users do, each a job process joining this Ray
+(``python jobs/register.py ...``, ``python jobs/backfill.py ...`` with ``RAY_ADDRESS`` set, as
+``ray job submit`` starts them), and reports each process's whole CPU time from ``os.wait4``:
+interpreter start, imports, connecting to Ray, its work, its exit. That is how issue 11 measured
+register (5.5 s -> 11.4 s of CPU for 1M -> 4M rows); Ray's client threads cannot be told apart
+from outside the process, so that split is left out.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 
@@ -96,6 +105,28 @@ def _measure(fn):
     return out, dt, {"driver_cpu_s": dc, "ray_client_cpu_s": dr, "driver_own_cpu_s": dc - dr}, rss.peak
 
 
+def _measure_job(script: str, args: list[str], log: str):
+    """(None, wall seconds, CPU of the job process, peak PSS of the job) of one job process run
+    as ``ray job submit`` runs its entry point: ``RAY_ADDRESS`` names this driver's Ray. Its CPU is
+    ``os.wait4``'s rusage of that process: it starts no processes of its own when joining a cluster."""
+    import ray
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_backfill import RssSampler
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAYBC_QUIET": "1"}
+    with RssSampler() as rss, open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(here, script), *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode, dt = os.waitstatus_to_exitcode(status), time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(args)} exited {proc.returncode}; its output is in {log}")
+    nan = float("nan")
+    return None, dt, {"driver_cpu_s": ru.ru_utime + ru.ru_stime, "ray_client_cpu_s": nan, "driver_own_cpu_s": nan}, rss.peak
+
+
 def idle_cpu_per_s(seconds: float = 10.0) -> float:
     """The driver's CPU per wall-second while it only waits on a task: what Ray's own threads in
     any connected process cost (core worker I/O, gRPC polling, log and error listeners)."""
@@ -146,14 +177,22 @@ def run_size(workdir: str, rows: int, a: argparse.Namespace) -> dict:
     root_dir = os.path.join(workdir, f"root-n{rows}")
     shutil.rmtree(root_dir, ignore_errors=True)
     reg = Registry(Storage(root_dir))
-    fit = AlignerFitOptions(kind="linear", fit_rows=a.fit_rows)
-    _, t_v0, c_v0, rss_v0 = _measure(lambda: reg.register(0, embeddings={"items": old.uri()}, options=RegisterOptions(in_place=True)))  # fmt: skip
-    v1, t_v1, c_v1, rss_v1 = _measure(
-        lambda: reg.register(1, embeddings={"items": new.uri()}, options=RegisterOptions(in_place=True, fit=fit))
-    )
-    s, t_bf, c_bf, rss_bf = _measure(lambda: backfill(reg.root, BackfillOptions(progress=False), echo=lambda _m: None))
-    assert s.committed == ["as-v0/items"], s.committed
-    fitrep = v1.manifest["aligner_fit"]
+    if a.as_jobs:
+        log = os.path.join(workdir, f"job-n{rows}")
+        common = ["--root", root_dir, "--in-place"]
+        _, t_v0, c_v0, rss_v0 = _measure_job("register.py", [*common, "--version", "0", "--embeddings", f"items={old.uri()}"], log + "-v0.log")  # fmt: skip
+        _, t_v1, c_v1, rss_v1 = _measure_job("register.py", [*common, "--version", "1", "--embeddings", f"items={new.uri()}",
+                                                              "--fit-aligner", "linear", "--fit-rows", str(a.fit_rows)], log + "-v1.log")  # fmt: skip
+        _, t_bf, c_bf, rss_bf = _measure_job("backfill.py", ["--root", root_dir, "--no-progress"], log + "-backfill.log")
+    else:
+        fit = AlignerFitOptions(kind="linear", fit_rows=a.fit_rows)
+        _, t_v0, c_v0, rss_v0 = _measure(lambda: reg.register(0, embeddings={"items": old.uri()}, options=RegisterOptions(in_place=True)))  # fmt: skip
+        _, t_v1, c_v1, rss_v1 = _measure(
+            lambda: reg.register(1, embeddings={"items": new.uri()}, options=RegisterOptions(in_place=True, fit=fit))
+        )
+        s, t_bf, c_bf, rss_bf = _measure(lambda: backfill(reg.root, BackfillOptions(progress=False), echo=lambda _m: None))
+        assert s.committed == ["as-v0/items"], s.committed
+    fitrep = reg.get(1).manifest["aligner_fit"]
     idle = idle_cpu_per_s()
     row = {
         "rows": rows, "files": a.files, "dim": a.dim, "out_dim": a.out_dim,
@@ -195,8 +234,10 @@ def table(rows: list[dict]) -> str:
         for step, rate in (("register_v0", None), ("register_v1_fit", "rows_per_s"), ("backfill", "rows_per_s")):
             m = r[step]
             rate_s = f"{m[rate]:>12,.0f}" if rate else f"{r['rows'] / m['seconds']:>12,.0f}"
+            split = "" if m["ray_client_cpu_s"] != m["ray_client_cpu_s"] else "x"  # NaN with --as-jobs: not measured
+            client, own = (f"{m['ray_client_cpu_s']:>11.3f}", f"{m['driver_own_cpu_s']:>8.3f}") if split else (f"{'-':>11}", f"{'-':>8}")
             out.append(f"{r['rows']:>12,} {step:<18} {m['seconds']:>9.2f} {rate_s} {m['driver_cpu_s']:>13.3f} "
-                       f"{m['ray_client_cpu_s']:>11.3f} {m['driver_own_cpu_s']:>8.3f} {m['peak_rss_gb']:>12.2f}")  # fmt: skip
+                       f"{client} {own} {m['peak_rss_gb']:>12.2f}")  # fmt: skip
         out.append(f"{'':>12} a driver that only waits on a task spends {r['idle_driver_cpu_per_s'] * 1e3:.1f} ms of CPU per "
                    "second (Ray's client threads)")  # fmt: skip
         out.append(f"{'':>12} recovery: mean |B z_1 - z_0|^2 = {r['recovery_vs_noise_floor']:.3f} x the noise floor "
@@ -216,6 +257,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--clean", action="store_true", help="remove each root (snapshots) after its run")
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--repeats", type=int, default=1, help="runs per size (fresh roots); each time is the least of them")
+    p.add_argument("--as-jobs", action="store_true", help="each step a job process (jobs/register.py, jobs/backfill.py) joining this Ray; its whole CPU time")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     import ray
@@ -227,9 +269,11 @@ def main(argv: list[str]) -> int:
         results.append(best_of([run_size(a.workdir, n, a) for _ in range(a.repeats)]))
         print(table(results[-1:]), flush=True)
     print("\n" + table(results))
-    summary: dict = {"results": results, "cpus": os.cpu_count(), "ray_cpus": a.cpus}
+    summary: dict = {"results": results, "cpus": os.cpu_count(), "ray_cpus": a.cpus, "as_jobs": a.as_jobs}
     if not a.scale:
-        for key, label in (("driver_cpu_s", "driver CPU"), ("driver_own_cpu_s", "driver CPU less Ray's client threads")):
+        keys = (("driver_cpu_s", "job process CPU" if a.as_jobs else "driver CPU"),) + (
+            () if a.as_jobs else (("driver_own_cpu_s", "driver CPU less Ray's client threads"),))
+        for key, label in keys:
             ratios = {s: results[1][s][key] / results[0][s][key] for s in ("register_v1_fit", "backfill")}
             summary[f"{key}_ratio_4x_rows"] = ratios
             print(f"\n{label} at 4x the rows (same files): "

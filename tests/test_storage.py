@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import threading
 
+import pyarrow as pa
 import pytest
 
 from raybc.errors import AlreadyExistsError, StorageError
@@ -73,6 +74,20 @@ def test_uri_forms_resolve_to_one_code_path(tmp_path):
         split_uri("s3://")
     with pytest.raises(StorageError, match="contains '..'"):
         split_uri("s3://bucket/../other")
+
+
+def test_open_input_maps_local_files_on_request_and_reads_the_same_bytes(storage_root):
+    """``memory_map=True`` maps a local file (the backfill's reads: no heap copy of each column
+    chunk) and is ignored elsewhere; either way the bytes are the file's, seek and all."""
+    data = bytes(range(256)) * 64
+    storage_root.write_atomic("m/blob.bin", data)
+    for mapped in (False, True):
+        with storage_root.open_input("m/blob.bin", memory_map=mapped) as f:
+            assert isinstance(f, pa.MemoryMappedFile) == (mapped and storage_root.is_local)
+            f.seek(1000)
+            assert f.read(24) == data[1000:1024]
+            f.seek(0)
+            assert f.read() == data
 
 
 def test_memory_filesystem_works_through_the_same_code():

@@ -130,8 +130,10 @@ def test_bench_measures_every_case_side_by_side(tmp_path):
     assert not (tmp_path / "w" / "baseline-out").exists()
     assert Registry(Storage(str(tmp_path / "w" / "root-20000x256"))).versions() == list(range(11))
     # run again: the root is reused (input ready at once) and the numbers are measured again
-    again = bench(["--workdir", str(tmp_path / "w"), "--cases", "throughput"], tmp_path / "c.json")
+    # (--cold: each run first drops the input files from the page cache)
+    again = bench(["--workdir", str(tmp_path / "w"), "--cases", "throughput", "--cold"], tmp_path / "c.json")
     assert [c["case"] for c in again["cases"]] == ["ray v10->v9"]
+    assert again["setup"]["cold"] is True and res["setup"]["cold"] is False
 
 
 @BENCH[0]

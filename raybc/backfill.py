@@ -517,7 +517,6 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
     with src.open_input(part.file, memory_map=True) as fin:
         pf = parquet_file(fin, uri)
         layout: ColumnLayout = inspect_schema(pf.schema_arrow, source=uri, expected_dim=ctx.dim)
-        _read_ahead(fin, pf.metadata, part)
         with contextlib.ExitStack() as stack:
             writers = {}
             for j in targets:
@@ -563,24 +562,6 @@ def _process_part_once(ctx: PartContext, part: Part) -> dict[str, Any]:
         # the worker's CPU (user, kernel) for this part: how much work a row is, whatever else runs
         "cpu_user_s": cpu1.user - cpu0.user, "cpu_system_s": cpu1.system - cpu0.system,
     }  # fmt: skip
-
-
-def _read_ahead(fin: Any, md: pq.FileMetaData, part: Part) -> None:
-    """Ask the kernel to read the part's row groups into the page cache now
-    (``posix_fadvise(WILLNEED)``), so the mapped reads that follow find them there instead of
-    waiting on the disk fault by fault; only for a memory-mapped local file (elsewhere the reader
-    reads whole column chunks itself)."""
-    if not isinstance(fin, pa.MemoryMappedFile) or part.rg_stop <= part.rg_start:
-        return
-    lo, hi = None, 0
-    for g in range(part.rg_start, part.rg_stop):
-        rg = md.row_group(g)
-        for c in range(rg.num_columns):
-            col = rg.column(c)
-            start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
-            lo, hi = start if lo is None else min(lo, start), max(hi, start + col.total_compressed_size)
-    with contextlib.suppress(OSError):  # advice only: a file system that refuses it reads as before
-        os.posix_fadvise(fin.fileno(), lo, hi - lo, os.POSIX_FADV_WILLNEED)
 
 
 HALF_MAX = float(np.finfo(np.float16).max)  # 65504; from 65520 on, float16 rounds to Inf

@@ -62,7 +62,7 @@ from raybc.embeddings import (
 from raybc.errors import InputDataError, IntegrityError, RaybcError, reraise_root_cause
 from raybc.options import Options
 from raybc.registry import FileEntry, Registry, check_unchanged, listing, version_dir
-from raybc.runtime import ensure_ray, log_level, quiet, quiet_pipeline_failures, tame_ray_logs
+from raybc.runtime import ensure_ray, import_torch, log_level, quiet, quiet_pipeline_failures, tame_ray_logs
 from raybc.snapshots import Snapshots, crash_point, run_dir
 from raybc.storage import IO_THREADS, Storage, check_segment, file_stamp, is_transient, retry_transient
 from raybc.transforms import FanOutPlan, Scratch
@@ -571,7 +571,7 @@ def _to_half(mat: np.ndarray, out: np.ndarray, ids: pa.Array, *, where: str, row
     """float32 -> float16 (round to nearest even) into ``out``: torch's vectorised conversion is
     about 10x numpy's ``astype`` here, with the same bits. A value too large for float16 would
     silently become Inf: refused, naming the row."""
-    import torch
+    torch = import_torch()  # the first import in a worker must not be cut short by a cancellation
 
     torch.from_numpy(out).copy_(torch.from_numpy(mat))
     if mat.max() >= HALF_MAX or mat.min() <= -HALF_MAX:  # two cheap passes; the scan only when near the edge

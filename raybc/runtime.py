@@ -7,11 +7,15 @@ leaked address must not make it wait on a cluster that is gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -75,6 +79,40 @@ def quiet_pipeline_failures() -> None:
     for h in logger.handlers:
         if h.get_name() != "file" and not any(isinstance(f, _NoFailureLog) for f in h.filters):
             h.addFilter(_NoFailureLog())
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a KeyboardInterrupt that arrives inside the block until the block has finished, then raise it.
+
+    Ray cancels a running task (Ray Data does, for the other tasks of a pipeline that failed) by
+    raising KeyboardInterrupt in the worker's main thread, wherever it is. A first ``import torch``
+    cut short that way leaves torch half-registered in a worker Ray keeps: every later import there
+    fails ("Trying to override a python impl ... aten::broadcast_tensors") or crashes the worker,
+    so later tasks fail long after the cancelled one (seen in CI, 2026-12-04). Outside the main
+    thread nothing is deferred: Python runs signal handlers only there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+def import_torch() -> Any:
+    """``import torch`` that a task cancellation cannot cut in half (:func:`interrupts_deferred`):
+    for task code that imports torch lazily."""
+    with interrupts_deferred():
+        import torch
+    return torch
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

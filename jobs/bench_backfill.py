@@ -226,12 +226,14 @@ class SystemProfile:
         for k, x in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), v):
             c[f"cpu_{k}"] = x
         disks = set(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else set()
-        c["read_bytes"] = c["write_bytes"] = 0
+        c["read_bytes"] = c["write_bytes"] = c["reads"] = c["writes"] = 0
         with open("/proc/diskstats") as f:
             for line in f:
                 x = line.split()
                 if x[2] in disks and not x[2].startswith(("loop", "ram", "zram")):
+                    c["reads"] += int(x[3])  # requests completed (after merging): their size is the read-ahead's
                     c["read_bytes"] += int(x[5]) * 512
+                    c["writes"] += int(x[7])
                     c["write_bytes"] += int(x[9]) * 512
         with open("/proc/vmstat") as f:
             vm = dict(line.split() for line in f)
@@ -253,13 +255,38 @@ class SystemProfile:
         return m.get("Dirty", 0) + m.get("Writeback", 0), m.get("Shmem", 0)
 
     def _sample(self) -> None:
+        n = 0
         while not self._stop.wait(self.interval_s):
-            self._peak = tuple(map(max, self._peak, self._memory()))
+            mem = self._memory()
+            self._peak = tuple(map(max, self._peak, mem))
+            n += 1
+            if n % 4 == 0:  # once a second: counters for the timeline
+                self._samples.append((time.perf_counter(), self._counters(), mem[0]))
+
+    def _timeline(self, t1: float, c1: dict[str, float]) -> list[dict[str, float]]:
+        """The run in tenths of its wall time: CPU busy and iowait (% of all cores), disk GB/s
+        read and written, dirty + writeback GB at the tenth's end."""
+        samples = [(self._t0, self._c0, 0.0), *self._samples, (t1, c1, self._memory()[0])]
+        out = []
+        for i in range(10):
+            lo, hi = self._t0 + (t1 - self._t0) * i / 10, self._t0 + (t1 - self._t0) * (i + 1) / 10
+            a = max((s for s in samples if s[0] <= lo), key=lambda s: s[0])
+            b = min((s for s in samples if s[0] >= hi), key=lambda s: s[0], default=samples[-1])
+            if b[0] <= a[0]:
+                continue
+            d = {k: b[1][k] - a[1][k] for k in b[1]}
+            ticks = sum(d[k] for k in d if k.startswith("cpu_")) or 1
+            out.append({
+                "busy_pct": 100 * (ticks - d["cpu_idle"] - d["cpu_iowait"]) / ticks, "iowait_pct": 100 * d["cpu_iowait"] / ticks,
+                "read_gb_per_s": d["read_bytes"] / (b[0] - a[0]) / 1e9, "write_gb_per_s": d["write_bytes"] / (b[0] - a[0]) / 1e9,
+                "dirty_gb": b[2] / 1e9,
+            })  # fmt: skip
+        return out
 
     def __enter__(self) -> SystemProfile:
         import threading
 
-        self._stop, self._peak = threading.Event(), self._memory()
+        self._stop, self._peak, self._samples = threading.Event(), self._memory(), []
         self._shm0 = self._peak[1]
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._c0, self._t0 = self._counters(), time.perf_counter()
@@ -275,12 +302,28 @@ class SystemProfile:
         self.result = {
             **{f"{k[4:]}_pct": 100 * d[k] / ticks for k in ("cpu_user", "cpu_nice", "cpu_system", "cpu_iowait", "cpu_idle")},
             "disk_read_gb_per_s": d["read_bytes"] / dt / 1e9, "disk_write_gb_per_s": d["write_bytes"] / dt / 1e9,
+            "disk_read_kb_per_request": d["read_bytes"] / max(d["reads"], 1) / 1024,
+            "disk_write_kb_per_request": d["write_bytes"] / max(d["writes"], 1) / 1024,
             "reclaim_scanned_gb": (d["scan_kswapd"] + d["scan_direct"]) * 4096 / 1e9,
             "direct_reclaim_scanned_gb": d["scan_direct"] * 4096 / 1e9,
             "memory_stall_pct": 100 * d["stall_memory_us"] / 1e6 / dt, "io_stall_pct": 100 * d["stall_io_us"] / 1e6 / dt,
             "peak_dirty_gb": max(self._peak[0], self._memory()[0]) / 1e9,
             "shared_memory_growth_gb": (max(self._peak[1], self._memory()[1]) - self._shm0) / 1e9,
+            "timeline": self._timeline(self._t0 + dt, c1),
         }  # fmt: skip
+
+
+def read_ahead_kb() -> dict[str, int]:
+    """The block devices' read-ahead window (``/sys/block/*/queue/read_ahead_kb``)."""
+    out = {}
+    for dev in sorted(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else []:
+        try:
+            with open(f"/sys/block/{dev}/queue/read_ahead_kb") as f:
+                if not dev.startswith(("loop", "ram", "zram")):
+                    out[dev] = int(f.read())
+        except OSError:
+            pass
+    return out
 
 
 def snapshot_bytes(reg: Registry, target: int) -> int:
@@ -399,6 +442,8 @@ def main(argv: list[str]) -> int:
     load0 = os.getloadavg()
     if a.scale:
         start_ray(a)
+        if a.cold:
+            evict_inputs(reg)
         sec, rss, extra = ray_backfill(root, [SOURCE - 1], output_dtype=a.output_dtype)
         record(f"ray v10->v9 ({a.output_dtype} output)", sec, rss=rss, out_bytes=snapshot_bytes(reg, SOURCE - 1), extra=extra)
         root.remove("snapshots", recursive=True)
@@ -470,12 +515,13 @@ def main(argv: list[str]) -> int:
         cores = f"{r['cpu_cores_used']:5.2f}" if "cpu_cores_used" in r else f"{'-':>5}"
         print(f"{r['case']:<48} {r['seconds']:8.2f} {r['rows_per_s']:11,.0f} {r['input_gb_per_s']:8.3f} {out} {rss} {cores}")
     print(f"\n{'what the machine did (all cores)':<48} {'user%':>6} {'nice%':>6} {'sys%':>6} {'iowait%':>7} {'idle%':>6} "
-          f"{'disk r GB/s':>11} {'w GB/s':>7} {'reclaim GB':>10} {'mem stall%':>10} {'io stall%':>9} {'dirty GB':>8} {'+shm GB':>7}")  # fmt: skip
+          f"{'disk r GB/s':>11} {'w GB/s':>7} {'r KB/io':>7} {'w KB/io':>7} {'reclaim GB':>10} {'mem stall%':>10} {'io stall%':>9} {'dirty GB':>8} {'+shm GB':>7}")  # fmt: skip
     for r in results.values():
         m = r.get("system")
         if m:
             print(f"{r['case']:<48} {m['user_pct']:6.1f} {m['nice_pct']:6.1f} {m['system_pct']:6.1f} {m['iowait_pct']:7.1f} "
                   f"{m['idle_pct']:6.1f} {m['disk_read_gb_per_s']:11.3f} {m['disk_write_gb_per_s']:7.3f} "
+                  f"{m.get('disk_read_kb_per_request', 0):7.0f} {m.get('disk_write_kb_per_request', 0):7.0f} "
                   f"{m['reclaim_scanned_gb']:10.2f} {m['memory_stall_pct']:10.1f} {m['io_stall_pct']:9.1f} {m['peak_dirty_gb']:8.2f} "
                   f"{m['shared_memory_growth_gb']:7.2f}")  # fmt: skip
     for r in results.values():
@@ -484,6 +530,11 @@ def main(argv: list[str]) -> int:
             print(f"{r['case']}: CPU per row in the write tasks {t['cpu_us_per_row']['user']:.2f} us user + "
                   f"{t['cpu_us_per_row']['system']:.2f} us kernel; rows/s per part, by tenth of the parts in start order: "
                   + " ".join(f"{x['rows_per_s']:,.0f}" for x in t["timeline"]))  # fmt: skip
+    for r in results.values():
+        tl = (r.get("system") or {}).get("timeline")
+        if tl:
+            print(f"{r['case']}: by tenth of the run's wall time, CPU busy % / iowait % / disk read GB/s / write GB/s / dirty GB: "
+                  + "  ".join(f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['read_gb_per_s']:.2f}/{x['write_gb_per_s']:.2f}/{x['dirty_gb']:.1f}" for x in tl))  # fmt: skip
     if costs:
         print(f"stage costs, one core, us per row (first {costs['rows']:,} rows): read {costs['read']:.3f}, "
               f"matmul {costs['matmul']:.3f}, write {costs['write']:.3f} (per target)")
@@ -492,7 +543,7 @@ def main(argv: list[str]) -> int:
         print(f"{k:<58} {v:9.2e}" if v < 0.01 else f"{k:<58} {v:6.2f}")
     if a.json:
         info = {"rows": a.rows, "dim": a.dim, "out_dim": a.out_dim, "files": a.files, "input_gb": in_bytes / 1e9,
-                "baseline_nice": a.baseline_nice, "cold": a.cold, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+                "baseline_nice": a.baseline_nice, "cold": a.cold, "read_ahead_kb": read_ahead_kb(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                 "stage_costs_us_per_row": costs,
                 "cpus": a.cpus, "machine": platform.machine(), "python": platform.python_version(), "argv": argv,
                 "blas_env": {k: v for k, v in os.environ.items() if k.startswith(("OPENBLAS_", "OMP_", "MKL_"))}}  # fmt: skip

@@ -106,6 +106,9 @@ def test_bench_measures_every_case_side_by_side(tmp_path):
             m = c["system"]
             assert sum(m[k] for k in ("user_pct", "nice_pct", "system_pct", "iowait_pct", "idle_pct")) <= 100.01, c
             assert m["nice_pct"] > 0, "Ray's workers and the baselines both run niced"
+            # the run by tenths of its wall time, each a share of all cores; disk request sizes
+            assert 1 <= len(m["timeline"]) <= 10 and all(0 <= x["busy_pct"] + x["iowait_pct"] <= 100.01 for x in m["timeline"]), c
+            assert m["disk_read_kb_per_request"] >= 0 and m["disk_write_kb_per_request"] >= 0, c
     assert all("system" in by_case for by_case in res["cases"] if not by_case["case"].startswith("ray v10->v9, v8"))
     ray_one = next(c for c in res["cases"] if c["case"] == "ray v10->v9")
     assert ray_one["part_timing"]["parts"] >= 2 and ray_one["part_timing"]["timeline"]

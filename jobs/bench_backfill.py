@@ -277,7 +277,10 @@ class SystemProfile:
             d = {k: b[1][k] - a[1][k] for k in b[1]}
             ticks = sum(d[k] for k in d if k.startswith("cpu_")) or 1
             out.append({
-                "busy_pct": 100 * (ticks - d["cpu_idle"] - d["cpu_iowait"]) / ticks, "iowait_pct": 100 * d["cpu_iowait"] / ticks,
+                "busy_pct": 100 * (ticks - d["cpu_idle"] - d["cpu_iowait"] - d["cpu_steal"]) / ticks, "iowait_pct": 100 * d["cpu_iowait"] / ticks,
+                "steal_pct": 100 * d["cpu_steal"] / ticks,  # the hypervisor ran someone else
+                # pages the processes had to reclaim themselves (kswapd behind), in their own kernel time
+                "direct_reclaim_gb": d["scan_direct"] * 4096 / 1e9,
                 "read_gb_per_s": d["read_bytes"] / (b[0] - a[0]) / 1e9, "write_gb_per_s": d["write_bytes"] / (b[0] - a[0]) / 1e9,
                 "dirty_gb": b[2] / 1e9,
             })  # fmt: skip
@@ -300,7 +303,7 @@ class SystemProfile:
         d = {k: c1[k] - self._c0[k] for k in c1}
         ticks = sum(d[k] for k in d if k.startswith("cpu_")) or 1
         self.result = {
-            **{f"{k[4:]}_pct": 100 * d[k] / ticks for k in ("cpu_user", "cpu_nice", "cpu_system", "cpu_iowait", "cpu_idle")},
+            **{f"{k[4:]}_pct": 100 * d[k] / ticks for k in ("cpu_user", "cpu_nice", "cpu_system", "cpu_iowait", "cpu_idle", "cpu_steal")},
             "disk_read_gb_per_s": d["read_bytes"] / dt / 1e9, "disk_write_gb_per_s": d["write_bytes"] / dt / 1e9,
             "disk_read_kb_per_request": d["read_bytes"] / max(d["reads"], 1) / 1024,
             "disk_write_kb_per_request": d["write_bytes"] / max(d["writes"], 1) / 1024,
@@ -529,12 +532,14 @@ def main(argv: list[str]) -> int:
         if t:
             print(f"{r['case']}: CPU per row in the write tasks {t['cpu_us_per_row']['user']:.2f} us user + "
                   f"{t['cpu_us_per_row']['system']:.2f} us kernel; rows/s per part, by tenth of the parts in start order: "
-                  + " ".join(f"{x['rows_per_s']:,.0f}" for x in t["timeline"]))  # fmt: skip
+                  + " ".join(f"{x['rows_per_s']:,.0f}" for x in t["timeline"])
+                  + "; their CPU per row, user + kernel us: "
+                  + " ".join(f"{x['cpu_us_per_row']['user']:.2f}+{x['cpu_us_per_row']['system']:.2f}" for x in t["timeline"]))  # fmt: skip
     for r in results.values():
         tl = (r.get("system") or {}).get("timeline")
         if tl:
-            print(f"{r['case']}: by tenth of the run's wall time, CPU busy % / iowait % / disk read GB/s / write GB/s / dirty GB: "
-                  + "  ".join(f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['read_gb_per_s']:.2f}/{x['write_gb_per_s']:.2f}/{x['dirty_gb']:.1f}" for x in tl))  # fmt: skip
+            print(f"{r['case']}: by tenth of the run's wall time, CPU busy % / iowait % / steal % / disk read GB/s / write GB/s / dirty GB / direct reclaim GB: "
+                  + "  ".join(f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['steal_pct']:.0f}/{x['read_gb_per_s']:.2f}/{x['write_gb_per_s']:.2f}/{x['dirty_gb']:.1f}/{x['direct_reclaim_gb']:.1f}" for x in tl))  # fmt: skip
     if costs:
         print(f"stage costs, one core, us per row (first {costs['rows']:,} rows): read {costs['read']:.3f}, "
               f"matmul {costs['matmul']:.3f}, write {costs['write']:.3f} (per target)")

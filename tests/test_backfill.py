@@ -72,15 +72,17 @@ def test_small_parts_share_write_tasks_in_order_and_slots_stay_busy():
 def test_part_timing_orders_parts_by_start_and_weighs_tenths_by_rows():
     """Parts as tasks return them (any order): percentiles of a part's rows/s; per tenth of the
     parts by start time, rows/s as total rows over total seconds."""
-    results = [{"rows": 1000, "seconds": 1.0 if i < 10 else 4.0, "started": 100.0 + i, "cpu_user_s": 0.002, "cpu_system_s": 0.001} for i in range(20)]
+    results = [{"rows": 1000, "seconds": 1.0 if i < 10 else 4.0, "started": 100.0 + i, "cpu_user_s": 0.002 if i < 10 else 0.004, "cpu_system_s": 0.001} for i in range(20)]
     t = part_timing(results[::-1])
     assert t["parts"] == 20 and [x["parts"] for x in t["timeline"]] == [2] * 10
     assert [x["rows_per_s"] for x in t["timeline"]] == [1000.0] * 5 + [250.0] * 5  # the run slowed halfway
     assert [x["mean_part_seconds"] for x in t["timeline"]] == [1.0] * 5 + [4.0] * 5
     assert t["part_rows_per_s"] == [250.0, pytest.approx(625.0), 1000.0]
-    assert t["cpu_us_per_row"] == {"user": pytest.approx(2.0), "system": pytest.approx(1.0)}
+    assert t["cpu_us_per_row"] == {"user": pytest.approx(3.0), "system": pytest.approx(1.0)}
+    # each tenth's own CPU per row: the slow half cost twice the user time per row
+    assert [x["cpu_us_per_row"]["user"] for x in t["timeline"]] == [pytest.approx(2.0)] * 5 + [pytest.approx(4.0)] * 5
     uneven = part_timing([{"rows": 10, "seconds": 1.0, "started": 0}, {"rows": 30, "seconds": 1.0, "started": 1}], slices=1)
-    assert uneven["timeline"] == [{"parts": 2, "rows_per_s": 20.0, "mean_part_seconds": 1.0}]
+    assert uneven["timeline"] == [{"parts": 2, "rows_per_s": 20.0, "mean_part_seconds": 1.0, "cpu_us_per_row": {"user": 0.0, "system": 0.0}}]
     assert part_timing([]) == {} and len(part_timing(results[:3])["timeline"]) == 3
 
 

@@ -281,6 +281,7 @@ class SystemProfile:
                 "steal_pct": 100 * d["cpu_steal"] / ticks,  # the hypervisor ran someone else
                 # pages the processes had to reclaim themselves (kswapd behind), in their own kernel time
                 "direct_reclaim_gb": d["scan_direct"] * 4096 / 1e9,
+                "kswapd_reclaim_gb": d["scan_kswapd"] * 4096 / 1e9,  # the kernel's reclaim thread
                 "read_gb_per_s": d["read_bytes"] / (b[0] - a[0]) / 1e9, "write_gb_per_s": d["write_bytes"] / (b[0] - a[0]) / 1e9,
                 "dirty_gb": b[2] / 1e9,
             })  # fmt: skip
@@ -538,8 +539,8 @@ def main(argv: list[str]) -> int:
     for r in results.values():
         tl = (r.get("system") or {}).get("timeline")
         if tl:
-            print(f"{r['case']}: by tenth of the run's wall time, CPU busy % / iowait % / steal % / disk read GB/s / write GB/s / dirty GB / direct reclaim GB: "
-                  + "  ".join(f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['steal_pct']:.0f}/{x['read_gb_per_s']:.2f}/{x['write_gb_per_s']:.2f}/{x['dirty_gb']:.1f}/{x['direct_reclaim_gb']:.1f}" for x in tl))  # fmt: skip
+            print(f"{r['case']}: by tenth of the run's wall time, CPU busy % / iowait % / steal % / disk read GB/s / write GB/s / dirty GB / reclaimed GB by kswapd / directly: "
+                  + "  ".join(f"{x['busy_pct']:.0f}/{x['iowait_pct']:.0f}/{x['steal_pct']:.0f}/{x['read_gb_per_s']:.2f}/{x['write_gb_per_s']:.2f}/{x['dirty_gb']:.1f}/{x['kswapd_reclaim_gb']:.1f}/{x['direct_reclaim_gb']:.1f}" for x in tl))  # fmt: skip
     if costs:
         print(f"stage costs, one core, us per row (first {costs['rows']:,} rows): read {costs['read']:.3f}, "
               f"matmul {costs['matmul']:.3f}, write {costs['write']:.3f} (per target)")

@@ -27,6 +27,7 @@ Runs the same way against S3 (``--workdir s3://bucket/prefix`` plus the usual AW
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -225,12 +226,12 @@ class SystemProfile:
             v = [int(x) for x in f.readline().split()[1:9]]
         for k, x in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), v):
             c[f"cpu_{k}"] = x
-        disks = set(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else set()
+        disks = set(_disks())
         c["read_bytes"] = c["write_bytes"] = c["reads"] = c["writes"] = 0
         with open("/proc/diskstats") as f:
             for line in f:
                 x = line.split()
-                if x[2] in disks and not x[2].startswith(("loop", "ram", "zram")):
+                if x[2] in disks:
                     c["reads"] += int(x[3])  # requests completed (after merging): their size is the read-ahead's
                     c["read_bytes"] += int(x[5]) * 512
                     c["writes"] += int(x[7])
@@ -317,16 +318,19 @@ class SystemProfile:
         }  # fmt: skip
 
 
+def _disks() -> list[str]:
+    """The machine's block devices that hold data (no loop, RAM or zram devices)."""
+    devs = sorted(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else []
+    return [d for d in devs if not d.startswith(("loop", "ram", "zram"))]
+
+
 def read_ahead_kb() -> dict[str, int]:
-    """The block devices' read-ahead window (``/sys/block/*/queue/read_ahead_kb``)."""
+    """The disks' read-ahead window (``/sys/block/*/queue/read_ahead_kb``)."""
     out = {}
-    for dev in sorted(os.listdir("/sys/block")) if os.path.isdir("/sys/block") else []:
-        try:
+    for dev in _disks():
+        with contextlib.suppress(OSError):
             with open(f"/sys/block/{dev}/queue/read_ahead_kb") as f:
-                if not dev.startswith(("loop", "ram", "zram")):
-                    out[dev] = int(f.read())
-        except OSError:
-            pass
+                out[dev] = int(f.read())
     return out
 
 
@@ -525,7 +529,7 @@ def main(argv: list[str]) -> int:
         if m:
             print(f"{r['case']:<48} {m['user_pct']:6.1f} {m['nice_pct']:6.1f} {m['system_pct']:6.1f} {m['iowait_pct']:7.1f} "
                   f"{m['idle_pct']:6.1f} {m['disk_read_gb_per_s']:11.3f} {m['disk_write_gb_per_s']:7.3f} "
-                  f"{m.get('disk_read_kb_per_request', 0):7.0f} {m.get('disk_write_kb_per_request', 0):7.0f} "
+                  f"{m['disk_read_kb_per_request']:7.0f} {m['disk_write_kb_per_request']:7.0f} "
                   f"{m['reclaim_scanned_gb']:10.2f} {m['memory_stall_pct']:10.1f} {m['io_stall_pct']:9.1f} {m['peak_dirty_gb']:8.2f} "
                   f"{m['shared_memory_growth_gb']:7.2f}")  # fmt: skip
     for r in results.values():

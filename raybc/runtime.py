@@ -8,6 +8,7 @@ leaked address must not make it wait on a cluster that is gone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -107,9 +108,11 @@ def interrupts_deferred() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+@functools.cache  # once whole, later calls (every batch) are a lookup, not two signal swaps
 def import_torch() -> Any:
     """``import torch`` that a task cancellation cannot cut in half (:func:`interrupts_deferred`):
-    for task code that imports torch lazily."""
+    for task code that imports torch lazily. A call that ends in the deferred KeyboardInterrupt is
+    not cached; the next one finds torch whole."""
     with interrupts_deferred():
         import torch
     return torch
